@@ -1,0 +1,135 @@
+"""The inner loop shared by MAML, FOMAML, ANIL, Meta-SGD and MAML++, written for one task.
+
+`adapt(...)` runs `spec.steps` gradient steps on the support set and records the query loss after the
+steps that matter. It is differentiable end to end (second order) unless `spec.first_order` is set, in
+which case each inner gradient is detached: the meta-gradient then ignores the Hessian terms, exactly
+first-order MAML. The batching layer vmaps or loops it over tasks.
+
+Meta-parameter naming: model parameters keep their module names (`body.*`, `head.*`); learned inner
+learning rates live beside them as `lr/<name>` (Meta-SGD, one rate per element) or `lslr/<name>`
+(MAML++ LSLR, one rate per inner step for each parameter tensor).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad
+
+from metadist.algorithms.spec import InnerSpec
+
+Tensors = dict[str, torch.Tensor]
+
+
+def model_params(params: Tensors) -> Tensors:
+    """The network's own parameters, without learned learning rates."""
+    return {n: p for n, p in params.items() if "/" not in n}
+
+
+def task_loss(out: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "mse":
+        return F.mse_loss(out, y)
+    return F.cross_entropy(out, y)
+
+
+def accuracy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (out.argmax(-1) == y).float().mean()
+
+
+def step_lr(params: Tensors, name: str, k: int, spec: InnerSpec):
+    """The inner learning rate for parameter `name` at inner step `k`."""
+    if f"lr/{name}" in params:
+        return params[f"lr/{name}"]
+    if f"lslr/{name}" in params:
+        rates = params[f"lslr/{name}"]
+        # Test-time steps beyond those trained reuse the last learned rate.
+        return rates[min(k, rates.shape[0] - 1)]
+    return spec.lr
+
+
+class Forward:
+    """Calls the model functionally for one task, in the BatchNorm mode the spec asks for."""
+
+    def __init__(self, model: torch.nn.Module, spec: InnerSpec):
+        self.model = model
+        self.bn = "running" if spec.bn_eval else "batch"
+        self.collect = spec.collect_bn
+
+    def __call__(self, params: Tensors, x: torch.Tensor, step: int, part: str = "all"):
+        out = functional_call(self.model, params, (x,),
+                              {"step": step, "bn": self.bn, "part": part, "stats": self.collect})
+        return out if self.collect else (out, [])
+
+
+def adapt(model: torch.nn.Module, params: Tensors, xs, ys, xq, yq, spec: InnerSpec):
+    """Adapt to one task from `params` and return (meta-objective, aux metrics).
+
+    aux holds `loss_before`, `loss_after` (query loss at 0 and `spec.steps` steps), `acc_*` for
+    classification, `loss_steps`/`acc_steps` (after every step) when `spec.track`, `diverged`, and
+    per-step BatchNorm batch statistics `bn_mean`/`bn_var` in `per_step` training mode.
+    """
+    fwd = Forward(model, spec)
+    fast = model_params(params)
+    head_only = spec.adapt == "head"
+    if head_only:
+        # ANIL: the body is fixed within the task, so its features are computed once; the body still
+        # receives meta-gradients through the adapted head.
+        xs, _ = fwd(fast, xs, 0, part="body")
+        xq, _ = fwd(fast, xq, 0, part="body")
+        part = "head"
+    else:
+        part = "all"
+    adapted = [n for n in fast if n.startswith("head.")] if head_only else list(fast)
+
+    def support_loss(ad: Tensors, fixed: Tensors, k: int):
+        out, stats = fwd({**fixed, **ad}, xs, k, part)
+        return task_loss(out, ys, spec.loss), stats
+
+    def query(p: Tensors, k: int):
+        out, stats = fwd(p, xq, k, part)
+        loss = task_loss(out, yq, spec.loss)
+        acc = accuracy(out, yq) if spec.loss == "ce" else loss.new_zeros(())
+        return loss, acc, stats
+
+    need_every_step = spec.track or spec.msl_weights is not None
+    losses, accs, bn_stats = [], [], []
+    loss0, acc0, _ = query(fast, 0)
+    losses.append(loss0)
+    accs.append(acc0)
+    for k in range(spec.steps):
+        ad = {n: fast[n] for n in adapted}
+        g, stats = grad(support_loss, has_aux=True)(ad, fast, k)
+        bn_stats.append(stats)
+        if spec.first_order:
+            g = {n: v.detach() for n, v in g.items()}
+        fast = {**fast, **{n: ad[n] - step_lr(params, n, k, spec) * g[n] for n in adapted}}
+        if need_every_step or k == spec.steps - 1:
+            loss_k, acc_k, stats = query(fast, k + 1)
+            losses.append(loss_k)
+            accs.append(acc_k)
+    if spec.steps and spec.collect_bn:
+        bn_stats.append(stats)  # query statistics after the last step: the running stats of index `steps`
+
+    if spec.msl_weights is not None:
+        objective = sum(w * l for w, l in zip(spec.msl_weights, losses[1:]))
+    else:
+        objective = losses[-1]
+
+    final = losses[-1].detach()
+    aux = {
+        "loss_before": loss0.detach(),
+        "loss_after": final,
+        "diverged": (~torch.isfinite(final)).float(),
+    }
+    if spec.loss == "ce":
+        aux["acc_before"] = acc0.detach()
+        aux["acc_after"] = accs[-1].detach()
+    if spec.track:
+        aux["loss_steps"] = torch.stack(losses).detach()
+        if spec.loss == "ce":
+            aux["acc_steps"] = torch.stack(accs).detach()
+    if spec.collect_bn and bn_stats and bn_stats[0]:
+        # (steps + 1, layers, channels): one row per BatchNorm step index.
+        aux["bn_mean"] = torch.stack([torch.stack([m for m, _ in s]) for s in bn_stats])
+        aux["bn_var"] = torch.stack([torch.stack([v for _, v in s]) for s in bn_stats])
+    return objective, aux

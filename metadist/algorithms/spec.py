@@ -1,0 +1,93 @@
+"""`InnerSpec`: everything an algorithm needs to know for one call, as plain values.
+
+The trainer builds a spec per outer step from the run config (`make_spec`). Schedules that depend on
+the outer step (MAML++ derivative-order annealing and multi-step-loss weights) are resolved here, so
+the algorithm functions themselves stay pure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class InnerSpec:
+    loss: str = "mse"
+    """`mse` (regression) or `ce` (classification, also reports accuracy)."""
+    steps: int = 1
+    """Inner gradient steps."""
+    lr: float = 0.01
+    """Inner learning rate where it is not learned."""
+    first_order: bool = False
+    """Treat inner gradients as constants in the meta-gradient."""
+    msl_weights: tuple[float, ...] | None = None
+    """Multi-step loss: weight of the query loss after each inner step 1..steps (None: final only)."""
+    track: bool = False
+    """Also report the query metrics after every inner step (costs one query forward per step)."""
+    bn: str = "transductive"
+    """BatchNorm mode: `transductive` or `per_step` (see metadist.models.conv4)."""
+    bn_eval: bool = False
+    """Normalise with per-step running statistics (per_step mode at test time)."""
+    task_parallel: str = "vmap"
+    """`vmap` or `loop` (`auto` is resolved by the runtime before a spec reaches an algorithm)."""
+    chunk: int = 0
+    """Tasks per vmap call (0: all)."""
+    adapt: str = "all"
+    """Parameters adapted in the inner loop: `all`, or `head` (ANIL)."""
+    inner_optimizer: str = "sgd"
+    """Reptile's inner optimizer, `sgd` or `adam`."""
+
+    @property
+    def collect_bn(self) -> bool:
+        return self.bn == "per_step" and not self.bn_eval
+
+    def with_(self, **kw) -> "InnerSpec":
+        return replace(self, **kw)
+
+
+def msl_weights(steps: int, outer_step: int, anneal_steps: int) -> tuple[float, ...]:
+    """MAML++ multi-step loss weights: uniform at first, annealed towards the final step.
+
+    Follows the reference implementation: non-final weights decay linearly to 0.03/steps, the final
+    weight grows to take up the rest, over `anneal_steps` outer steps.
+    """
+    if steps == 1:
+        return (1.0,)
+    w = [1.0 / steps] * steps
+    progress = min(outer_step / max(anneal_steps, 1), 1.0)
+    decay = progress / steps
+    floor = 0.03 / steps
+    for i in range(steps - 1):
+        w[i] = max(w[i] - decay, floor)
+    w[-1] = min(w[-1] + decay * (steps - 1), 1.0 - (steps - 1) * floor)
+    return tuple(w)
+
+
+def make_spec(cfg, outer_step: int = 0, track: bool = False) -> InnerSpec:
+    """The spec for training step `outer_step` of run config `cfg`."""
+    algo = cfg.algorithm
+    first_order = algo.name == "fomaml" or outer_step < algo.first_order_until
+    loss = "mse" if cfg.task.family == "sinusoid" else "ce"
+    return InnerSpec(
+        loss=loss,
+        steps=cfg.inner.steps,
+        lr=cfg.inner.lr,
+        first_order=first_order,
+        msl_weights=msl_weights(cfg.inner.steps, outer_step, algo.msl_anneal_steps) if algo.msl else None,
+        track=track,
+        bn=getattr(cfg.model, "bn", "transductive"),
+        task_parallel=algo.task_parallel,
+        chunk=algo.chunk,
+        adapt="head" if algo.name == "anil" else "all",
+        inner_optimizer=algo.reptile_optimizer,
+    )
+
+
+def make_eval_spec(cfg, steps: int | None = None) -> InnerSpec:
+    """The spec for test-time adaptation: `eval.steps` steps at `eval.lr`, statistics per step."""
+    spec = make_spec(cfg, outer_step=cfg.train.steps, track=True)
+    return spec.with_(steps=cfg.eval.steps if steps is None else steps,
+                      lr=cfg.eval.lr or cfg.inner.lr, first_order=True, msl_weights=None,
+                      bn_eval=spec.bn == "per_step", chunk=cfg.eval.batch,
+                      # Evaluation adapts by gradient descent for every algorithm, Reptile included.
+                      inner_optimizer="sgd")

@@ -1,0 +1,348 @@
+"""Typed run configuration: one tree of dataclasses, loaded from YAML with `--set a.b=c` overrides.
+
+Every field carries a docstring (the string literal under it); `metadist config-keys` and the docs read
+them. Validation is done by pydantic's dataclass support; its errors are rewritten into one
+`ConfigError` that names the key path and what is allowed, so users never see a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+
+_STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user: which key, what was given, what is allowed."""
+
+
+@dataclass(config=_STRICT)
+class TaskConfig:
+    family: Literal["sinusoid", "fewshot"] = "sinusoid"
+    """Task family: `sinusoid` regression (MAML paper 5.1) or `fewshot` N-way K-shot image episodes."""
+    ways: Annotated[int, Field(ge=2)] = 5
+    """N, the number of classes per episode (fewshot only; at least 2)."""
+    shots: PositiveInt = 10
+    """K, support examples per class (fewshot) or support points per task (sinusoid) in training."""
+    query: PositiveInt = 10
+    """Query examples per class (fewshot) or query points per task (sinusoid) in training."""
+    amplitude: tuple[float, float] = (0.1, 5.0)
+    """Sinusoid amplitude range A ~ U[lo, hi]."""
+    phase: tuple[float, float] = (0.0, 3.141592653589793)
+    """Sinusoid phase range phi ~ U[lo, hi]."""
+    x_range: tuple[float, float] = (-5.0, 5.0)
+    """Sinusoid input range x ~ U[lo, hi]."""
+
+
+@dataclass(config=_STRICT)
+class ModelConfig:
+    name: Literal["mlp", "conv4"] = "mlp"
+    """Network: `mlp` (regression, 1-40-40-1 ReLU by default) or `conv4` (four conv blocks + linear head)."""
+    hidden: list[PositiveInt] = field(default_factory=lambda: [40, 40])
+    """Hidden layer widths of the MLP."""
+    in_features: PositiveInt = 1
+    """MLP input width."""
+    out_features: PositiveInt = 1
+    """MLP output width."""
+    filters: PositiveInt = 32
+    """Conv-4 filters per block (32 for mini-ImageNet, 64 for Omniglot)."""
+    channels: PositiveInt = 3
+    """Conv-4 input channels (3 for RGB, 1 for grayscale)."""
+    image_size: Annotated[int, Field(ge=16)] = 84
+    """Conv-4 input height and width in pixels."""
+    bn: Literal["transductive", "per_step"] = "transductive"
+    """BatchNorm statistics. `transductive`: batch statistics always, in training and at test, as in the
+    MAML paper (a test episode's query batch is normalised with its own statistics). `per_step`: running
+    statistics kept separately for each inner step, as in MAML++; training normalises with batch
+    statistics and updates them, evaluation normalises with the running statistics of that step."""
+    bn_momentum: Annotated[float, Field(gt=0, le=1)] = 0.1
+    """Momentum of the per-step running statistics (per_step only)."""
+
+
+@dataclass(config=_STRICT)
+class AlgorithmConfig:
+    name: Literal["maml", "fomaml", "reptile", "anil", "metasgd", "pretrain"] = "maml"
+    """Meta-learning algorithm. `pretrain` is the MAML paper's baseline: one network trained on all tasks
+    jointly, fine-tuned at test time."""
+    task_parallel: Literal["auto", "vmap", "loop"] = "auto"
+    """How the tasks of a batch are processed: `vmap` (all at once), `loop` (one at a time), or `auto`
+    (whichever was measured faster for this model and device)."""
+    chunk: NonNegInt = 0
+    """Tasks per vmap call; bounds memory. 0 processes the whole batch in one call."""
+    msl: bool = False
+    """MAML++ multi-step loss: the meta-loss is a weighted sum of the query losses after every inner step."""
+    msl_anneal_steps: NonNegInt = 10000
+    """Outer steps over which the multi-step loss weights anneal towards the final step only."""
+    lslr: bool = False
+    """MAML++ learned per-layer, per-step inner learning rates (maml and fomaml)."""
+    first_order_until: NonNegInt = 0
+    """MAML++ derivative-order annealing: use first-order gradients for outer steps below this number."""
+    reptile_optimizer: Literal["sgd", "adam"] = "sgd"
+    """Reptile's inner optimizer on each task."""
+
+
+@dataclass(config=_STRICT)
+class InnerConfig:
+    lr: PositiveFloat = 0.01
+    """Inner-loop (adaptation) learning rate alpha; also the initial value of learned rates."""
+    steps: PositiveInt = 1
+    """Inner-loop gradient steps during meta-training."""
+
+
+@dataclass(config=_STRICT)
+class OuterConfig:
+    optimizer: Literal["adam", "sgd"] = "adam"
+    """Outer (meta) optimizer. Reptile's outer step size epsilon is `outer.lr` with `sgd`."""
+    lr: PositiveFloat = 0.001
+    """Meta learning rate."""
+    cosine: bool = False
+    """MAML++ cosine annealing of the meta learning rate over `train.steps`, down to `outer.min_lr`."""
+    min_lr: Annotated[float, Field(ge=0)] = 0.0
+    """Final meta learning rate of the cosine schedule."""
+
+
+@dataclass(config=_STRICT)
+class TrainConfig:
+    steps: PositiveInt = 1000
+    """Outer (meta-training) steps."""
+    meta_batch: PositiveInt = 25
+    """Tasks per outer step."""
+    log_every: PositiveInt = 100
+    """Outer steps between metric records (and the per-inner-step query metrics)."""
+    checkpoint_every: NonNegInt = 0
+    """Outer steps between checkpoints; 0 writes only the final one."""
+    out_dir: str = "runs"
+    """Directory under which each run gets its own folder."""
+    warmup_steps: NonNegInt = 20
+    """Leading steps left out of the steady-state throughput figure."""
+
+
+@dataclass(config=_STRICT)
+class EvalConfig:
+    episodes: PositiveInt = 600
+    """Fixed test tasks (episodes) drawn from (seed, split)."""
+    steps: NonNegInt = 10
+    """Test-time adaptation steps; metrics are reported after 0..steps."""
+    shots: Optional[PositiveInt] = None
+    """Support examples at test time (per class for fewshot); defaults to `task.shots`."""
+    query: PositiveInt = 100
+    """Query examples per task (sinusoid) or per class (fewshot) at test time."""
+    lr: Optional[PositiveFloat] = None
+    """Test-time inner learning rate; defaults to `inner.lr` (learned rates are used where trained)."""
+    split: Literal["train", "val", "test"] = "test"
+    """Split the evaluation tasks are drawn from."""
+    batch: PositiveInt = 100
+    """Tasks adapted together during evaluation (memory bound, not a result)."""
+
+
+@dataclass(config=_STRICT)
+class RuntimeConfig:
+    executor: Literal["local", "ray"] = "local"
+    """Where the inner loops run: `local` (in this process, the reference) or `ray` (worker actors)."""
+    workers: PositiveInt = 1
+    """Worker actors the meta-batch is split across (ray executor)."""
+    threads: NonNegInt = 0
+    """torch intra-op threads per process; 0 keeps torch's default."""
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    """Device for the inner loops: `auto` takes CUDA where available."""
+
+
+@dataclass(config=_STRICT)
+class DataConfig:
+    path: Optional[str] = None
+    """Shard directory or URL for fewshot tasks (unused by procedural families such as sinusoid)."""
+
+
+@dataclass(config=_STRICT)
+class Config:
+    name: str = "run"
+    """Run name; defaults to the job file's stem."""
+    seed: NonNegInt = 0
+    """Seed for initialisation, tasks and evaluation episodes."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """The task family and episode shape."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network being meta-learned."""
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """The meta-learning algorithm and its options."""
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    """The inner (adaptation) loop."""
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    """The outer (meta) optimizer."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The meta-training schedule."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """The evaluation protocol."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Where and how the work runs."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data location."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.model.name == "mlp" and self.task.family != "sinusoid",
+             "model.name", "mlp is for sinusoid regression; use conv4 for fewshot"),
+            (self.model.name == "conv4" and self.task.family != "fewshot",
+             "model.name", "conv4 is for fewshot classification; use mlp for sinusoid"),
+            (self.task.amplitude[0] > self.task.amplitude[1], "task.amplitude", "needs lo <= hi"),
+            (self.task.x_range[0] >= self.task.x_range[1], "task.x_range", "needs lo < hi"),
+        ]
+        for bad, key, why in checks:
+            if bad:
+                raise ConfigError(f"{key}: {why}")
+
+
+_ADAPTER = TypeAdapter(Config)
+
+
+def _fields(cls: Any) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _section_type(cls: Any, key: str) -> Any:
+    """The dataclass type of field `key` of `cls`, or None if it is a leaf."""
+    ftype = cls.__pydantic_fields__[key].annotation
+    return ftype if dataclasses.is_dataclass(ftype) else None
+
+
+def _check_keys(data: Any, cls: Any, prefix: str = "") -> None:
+    """Reject unknown keys with the allowed ones listed (pydantic's message names no alternatives)."""
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "the config"
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(data).__name__} {data!r}")
+    known = _fields(cls)
+    for key, value in data.items():
+        if key not in known:
+            where = f"under '{prefix.rstrip('.')}'" if prefix else "at the top level"
+            raise ConfigError(
+                f"unknown key '{prefix}{key}'; allowed keys {where}: {', '.join(sorted(known))}")
+        sub = _section_type(cls, key)
+        if sub is not None and value is not None:
+            _check_keys(value, sub, f"{prefix}{key}.")
+
+
+def _format_validation(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "config"
+        given = e.get("input")
+        if e["type"] == "value_error":  # raised by Config.__post_init__, already phrased for users
+            lines.append(str(e["ctx"]["error"]))
+        elif e["type"] == "literal_error":
+            lines.append(f"{key}: got {given!r}; allowed values: {e['ctx']['expected']}")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {given!r})")
+    return "invalid config: " + "; ".join(lines)
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `a.b=c` and parse the value as YAML (so 0.01, true, null and [1, 2] get their types)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Validate a nested dict (plus `a.b=c` overrides) into a Config, or raise one ConfigError."""
+    data = dict(data or {})
+    _check_keys(data, Config)
+    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy through plain types
+    for text in overrides:
+        key, value = parse_override(text)
+        _check_keys(_nested(key, value), Config)
+        _set_path(data, key, value)
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation(err)) from None
+
+
+def _nested(dotted: str, value: Any) -> dict:
+    out: dict = {}
+    _set_path(out, dotted, value)
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a job YAML, apply overrides, validate. The run name defaults to the file's stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"job file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if isinstance(data, dict):
+        data.setdefault("name", path.stem)
+    return from_dict(data, overrides)
+
+
+def to_dict(cfg: Config) -> dict:
+    """The resolved config as plain YAML-safe types (tuples become lists)."""
+    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text that `load_config` reads back to an equal Config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`; used for tracking params and sweep keys."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def field_docs(cls: Any = Config, prefix: str = "") -> dict[str, str]:
+    """Every leaf key with its docstring, read from the source (attribute docstrings)."""
+    out: dict[str, str] = {}
+    for name, finfo in cls.__pydantic_fields__.items():
+        sub = _section_type(cls, name)
+        if sub is not None:
+            out.update(field_docs(sub, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = (finfo.description or "").strip()
+    return out

@@ -1,0 +1,30 @@
+"""Plain nn.Module networks (pure torch; never imports ray, mlflow or webdataset).
+
+Every model names its parameters `body.*` and `head.*` so ANIL can adapt the head alone, and accepts
+`forward(x, step=..., bn=..., part=...)` so one `torch.func.functional_call` serves all algorithms.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from metadist.models.conv4 import Conv4
+from metadist.models.mlp import MLP
+
+MODELS = {"mlp": MLP, "conv4": Conv4}
+
+
+def build_model(cfg) -> torch.nn.Module:
+    """Build the network named by `cfg.model.name` from the run config."""
+    m = cfg.model
+    if m.name == "mlp":
+        return MLP(m.in_features, list(m.hidden), m.out_features)
+    # Running statistics are kept for every step a forward can be made at: training steps and test steps.
+    bn_steps = max(cfg.inner.steps, cfg.eval.steps) + 1
+    return Conv4(ways=cfg.task.ways, channels=m.channels, filters=m.filters, image_size=m.image_size,
+                 bn_steps=bn_steps)
+
+
+def head_names(params) -> list[str]:
+    """Names of head parameters (adapted by ANIL)."""
+    return [n for n in params if n.startswith("head.")]

@@ -1,0 +1,83 @@
+"""Conv-4 of the MAML paper: four [3x3 conv, BatchNorm, ReLU, 2x2 max-pool] blocks and a linear head.
+
+BatchNorm is functional and explicit about which statistics it normalises with:
+- `bn="batch"`: the statistics of the batch being passed (one task's support or query set). This is
+  the MAML paper's transductive setting, used in training always and at test time in `transductive` mode.
+- `bn="running"`: per-step running statistics, `running_mean[step]`, as in MAML++ (`per_step` mode at
+  test time). Steps beyond the last kept one use the last one.
+Batch statistics are also returned on request (`stats=True`), so the per-step running averages can be
+updated by whoever owns the model state; the forward itself never mutates buffers, which keeps it
+usable under `torch.func.vmap`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MetaBatchNorm2d(nn.Module):
+    """BatchNorm with learnable affine parameters and running statistics kept per inner step."""
+
+    def __init__(self, channels: int, bn_steps: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(bn_steps, channels))
+        self.register_buffer("running_var", torch.ones(bn_steps, channels))
+
+    def forward(self, x: torch.Tensor, step: int, bn: str):
+        if bn == "running":
+            k = min(step, self.running_mean.shape[0] - 1)
+            out = F.batch_norm(x, self.running_mean[k], self.running_var[k], self.weight, self.bias,
+                               training=False, eps=self.eps)
+            return out, None
+        # Batch statistics written out rather than F.batch_norm(training=True): identical maths, and
+        # it is free of running-stat side effects, so it composes with vmap and double backward.
+        mean = x.mean(dim=(0, 2, 3))
+        var = x.var(dim=(0, 2, 3), unbiased=False)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        out = x * scale[None, :, None, None] + (self.bias - mean * scale)[None, :, None, None]
+        return out, (mean.detach(), var.detach())
+
+
+class Conv4(nn.Module):
+    """Conv-4 with a linear head over the flattened features."""
+
+    def __init__(self, ways: int = 5, channels: int = 3, filters: int = 32, image_size: int = 84,
+                 bn_steps: int = 11):
+        super().__init__()
+        convs, norms = [], []
+        size, width = image_size, channels
+        for _ in range(4):
+            convs.append(nn.Conv2d(width, filters, 3, padding=1))
+            norms.append(MetaBatchNorm2d(filters, bn_steps))
+            width, size = filters, size // 2
+        if size < 1:
+            raise ValueError(f"image_size {image_size} is too small for four 2x2 max-pools")
+        self.body = nn.ModuleDict({"conv": nn.ModuleList(convs), "norm": nn.ModuleList(norms)})
+        self.feature_dim = filters * size * size
+        self.head = nn.Linear(self.feature_dim, ways)
+
+    def features(self, x: torch.Tensor, step: int = 0, bn: str = "batch", stats: bool = False):
+        collected = []
+        for conv, norm in zip(self.body["conv"], self.body["norm"]):
+            x, s = norm(conv(x), step, bn)
+            collected.append(s)
+            x = F.max_pool2d(F.relu(x), 2)
+        x = x.flatten(1)
+        return (x, collected) if stats else x
+
+    def forward(self, x: torch.Tensor, step: int = 0, bn: str = "batch", part: str = "all",
+                stats: bool = False):
+        if part == "head":
+            return self.head(x)
+        feats = self.features(x, step, bn, stats)
+        if part == "body":
+            return feats
+        if stats:
+            feats, collected = feats
+            return self.head(feats), collected
+        return self.head(feats)
