@@ -81,3 +81,18 @@ class Conv4(nn.Module):
             feats, collected = feats
             return self.head(feats), collected
         return self.head(feats)
+
+
+@torch.no_grad()
+def update_running_stats(model: nn.Module, bn_mean: torch.Tensor, bn_var: torch.Tensor,
+                         momentum: float) -> None:
+    """Fold per-step batch statistics, averaged over tasks, into the per-step running statistics.
+
+    `bn_mean`/`bn_var` are (steps + 1, layers, channels) as returned by the algorithms in `per_step`
+    mode; step indices beyond the model's kept ones are ignored.
+    """
+    norms = [m for m in model.modules() if isinstance(m, MetaBatchNorm2d)]
+    for layer, norm in enumerate(norms):
+        k = min(bn_mean.shape[0], norm.running_mean.shape[0])
+        norm.running_mean[:k].lerp_(bn_mean[:k, layer].to(norm.running_mean), momentum)
+        norm.running_var[:k].lerp_(bn_var[:k, layer].to(norm.running_var), momentum)

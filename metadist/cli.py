@@ -1,0 +1,101 @@
+"""The `metadist` command: train, eval and config.
+
+Every user-facing failure (a bad config key, a missing checkpoint, a diverged run) ends as one line on
+stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from metadist.config import ConfigError, dump_config, field_docs, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Distributed meta-learning: MAML, FOMAML, Reptile, ANIL, Meta-SGD, MAML++.")
+err = Console(stderr=True)
+
+SetOpt = typer.Option(None, "--set", help="Override a config key: --set inner.lr=0.05 (repeatable).")
+SummaryOpt = typer.Option(None, "--summary-json", help="Write the run summary as JSON to this path.")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _write_summary(summary: dict, path: Optional[Path]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=2))
+        err.print(f"summary written to {path}")
+
+
+@app.command()
+def train(job: Path = typer.Argument(..., help="Job YAML, e.g. jobs/sine/maml.yaml."),
+          set_: Optional[List[str]] = SetOpt, summary_json: Optional[Path] = SummaryOpt,
+          progress: bool = typer.Option(True, help="Show the progress bar.")):
+    """Meta-train a job, evaluate it on the fixed test tasks, and write a checkpoint."""
+    from metadist.runtime.local import Trainer, TrainingDiverged
+
+    try:
+        cfg = load_config(job, set_ or [])
+        if cfg.runtime.executor != "local":
+            _fail(f"runtime.executor={cfg.runtime.executor!r} is not available yet; allowed now: 'local'")
+        trainer = Trainer(cfg)
+        err.print(f"run folder: {trainer.run_dir}")
+        summary = trainer.fit(progress=progress)
+    except (ConfigError, NotImplementedError, RuntimeError) as e:
+        if isinstance(e, TrainingDiverged) or not isinstance(e, RuntimeError) or "runtime." in str(e):
+            _fail(str(e))
+        raise
+    _write_summary(summary, summary_json)
+    t = summary["throughput"]
+    err.print(f"checkpoint: {summary['checkpoint']}   steady-state {t['tasks_per_s']:.0f} tasks/s "
+              f"({t['task_parallel']})")
+
+
+@app.command("eval")
+def eval_(checkpoint: Path = typer.Argument(..., help="checkpoint.pt or its run folder."),
+          episodes: Optional[int] = typer.Option(None, help="Test tasks (default: eval.episodes)."),
+          steps: Optional[int] = typer.Option(None, help="Test-time steps (default: eval.steps)."),
+          summary_json: Optional[Path] = SummaryOpt):
+    """Evaluate a checkpoint on its config's fixed test tasks."""
+    from metadist.runtime.checkpoint import CheckpointError
+    from metadist.runtime.local import evaluate_checkpoint
+
+    if episodes is not None and episodes < 1:
+        _fail("--episodes must be at least 1")
+    if steps is not None and steps < 0:
+        _fail("--steps must be 0 or more")
+    try:
+        summary = evaluate_checkpoint(checkpoint, episodes=episodes, steps=steps, console=err)
+    except (CheckpointError, ConfigError) as e:
+        _fail(str(e))
+    _write_summary(summary, summary_json)
+
+
+@app.command()
+def config(job: Path = typer.Argument(..., help="Job YAML."), set_: Optional[List[str]] = SetOpt,
+           keys: bool = typer.Option(False, "--keys", help="List every key with its meaning instead.")):
+    """Print the resolved config of a job (after overrides), or every key with its docstring."""
+    if keys:
+        for key, doc in field_docs().items():
+            typer.echo(f"{key}: {' '.join(doc.split())}")
+        return
+    try:
+        typer.echo(dump_config(load_config(job, set_ or [])), nl=False)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Evaluation on a fixed list of test tasks: metrics after 0..S test-time steps, mean ± 95% CI.
+
+The tasks are a pure function of (seed, split), so two runs or two algorithms with the same seed are
+scored on the same tasks. Tasks whose loss is not finite are counted as diverged and left out of the
+mean, rather than averaging a NaN into the table (see ANCHORS.md: extra test-time steps can overshoot).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from metadist.algorithms import adapt_curve, make_eval_spec
+
+
+def summarise(values: torch.Tensor) -> dict:
+    """mean ± 1.96·std/√n over the finite entries of a 1-D tensor, and the count of the others."""
+    values = values.double()
+    finite = values[torch.isfinite(values)]
+    n = finite.numel()
+    mean = finite.mean().item() if n else math.nan
+    std = finite.std(unbiased=True).item() if n > 1 else 0.0
+    return {"mean": mean, "ci95": 1.96 * std / math.sqrt(n) if n else math.nan,
+            "diverged": int(values.numel() - n)}
+
+
+def evaluate(model, params: dict, cfg, tasks, *, episodes: int | None = None, steps: int | None = None,
+             split: str | None = None) -> dict:
+    """Adapt to the fixed evaluation tasks and report rows for 0..steps test-time steps.
+
+    Rows carry `mean` and `ci95` of the primary metric (MSE for regression, accuracy in % for
+    classification), plus `loss_mean`/`loss_ci95` for classification and a `diverged` count.
+    """
+    episodes = episodes or cfg.eval.episodes
+    split = split or cfg.eval.split
+    spec = make_eval_spec(cfg, steps)
+    shots = cfg.eval.shots or cfg.task.shots
+    batch = tasks.fixed(split, episodes, shots, cfg.eval.query)
+    curves = adapt_curve(model, params, batch, spec)
+    loss = curves["loss"]
+    rows = []
+    for s in range(spec.steps + 1):
+        loss_row = summarise(loss[:, s])
+        if "acc" in curves:
+            acc = summarise(curves["acc"][:, s] * 100.0)
+            row = {"steps": s, "mean": acc["mean"], "ci95": acc["ci95"], "diverged": loss_row["diverged"],
+                   "loss_mean": loss_row["mean"], "loss_ci95": loss_row["ci95"]}
+        else:
+            row = {"steps": s, **loss_row}
+        rows.append(row)
+    return {"split": split, "shots": shots, "episodes": episodes,
+            "metric": "accuracy" if "acc" in curves else "mse", "lr": spec.lr, "rows": rows}
+
+
+def print_eval(report: dict, title: str = "evaluation", console: Console | None = None) -> None:
+    """The evaluation rows as a table on the terminal."""
+    metric = "accuracy %" if report["metric"] == "accuracy" else "MSE"
+    table = Table(title=f"{title}: {report['split']} split, {report['episodes']} tasks, "
+                        f"{report['shots']}-shot, test-time lr {report['lr']:g}")
+    table.add_column("steps", justify="right")
+    table.add_column(metric, justify="right")
+    table.add_column("± 95% CI", justify="right")
+    table.add_column("diverged", justify="right")
+    for r in report["rows"]:
+        table.add_row(str(r["steps"]), f"{r['mean']:.4f}", f"{r['ci95']:.4f}", str(r["diverged"]))
+    (console or Console()).print(table)

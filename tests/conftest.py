@@ -1,0 +1,22 @@
+"""Shared fixtures: small configs that run in seconds on a 2-core CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from metadist.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def sine_debug(tmp_path):
+    """The sinusoid MAML debug job, shortened further, writing into a temporary folder."""
+    def make(*overrides: str):
+        return load_config(ROOT / "jobs/sine/maml-debug.yaml",
+                           [f"train.out_dir={tmp_path / 'runs'}", "train.steps=40", "train.log_every=10",
+                            "eval.episodes=40", "eval.steps=3", "algorithm.task_parallel=vmap",
+                            *overrides])
+    return make

@@ -1,0 +1,66 @@
+"""The `metadist` command as a user meets it: outputs, summary JSON and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from metadist.cli import app
+
+from ..conftest import ROOT
+
+runner = CliRunner()
+JOB = str(ROOT / "jobs/sine/maml-debug.yaml")
+
+
+def _small(tmp_path):
+    return ["--set", f"train.out_dir={tmp_path}", "--set", "train.steps=20", "--set", "eval.episodes=20",
+            "--set", "eval.steps=2", "--set", "algorithm.task_parallel=vmap"]
+
+
+def test_train_then_eval_write_summaries(tmp_path):
+    out = tmp_path / "train.json"
+    res = runner.invoke(app, ["train", JOB, *_small(tmp_path), "--summary-json", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(out.read_text())
+    assert summary["eval"]["rows"][0]["steps"] == 0 and "tasks_per_s" in summary["throughput"]
+    ev = tmp_path / "eval.json"
+    res = runner.invoke(app, ["eval", summary["checkpoint"], "--episodes", "10", "--steps", "1",
+                              "--summary-json", str(ev)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(ev.read_text())["eval"]
+    assert report["episodes"] == 10 and len(report["rows"]) == 2
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    cases = [
+        (["train", JOB, "--set", "inner.lrr=0.1"], "unknown key 'inner.lrr'; allowed keys under 'inner': lr, steps"),
+        (["train", JOB, "--set", "inner.lr=-1"], "inner.lr: Input should be greater than 0"),
+        (["train", JOB, "--set", "algorithm.name=mamll"], "allowed values: 'maml', 'fomaml'"),
+        (["train", JOB, "--set", "inner.steps=abc"], "inner.steps"),
+        (["train", str(tmp_path / "nope.yaml")], "does not exist"),
+        (["eval", str(tmp_path / "nope.pt")], "does not exist"),
+        (["config", JOB, "--set", "task.ways=1"], "task.ways: Input should be greater than or equal to 2"),
+    ]
+    for args, message in cases:
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert message in " ".join(res.output.split()), (args, res.output)
+        assert "Traceback" not in res.output
+
+
+def test_config_prints_resolved_yaml_and_keys():
+    res = runner.invoke(app, ["config", JOB, "--set", "inner.lr=0.05"])
+    assert res.exit_code == 0 and "lr: 0.05" in res.output
+    res = runner.invoke(app, ["config", JOB, "--keys"])
+    assert "inner.lr: Inner-loop (adaptation) learning rate" in res.output
+
+
+def test_console_script_runs_as_installed(tmp_path):
+    exe = [sys.executable, "-m", "metadist.cli"]
+    res = subprocess.run([*exe, "train", JOB, "--set", "algorithm.nme=x"], capture_output=True, text=True)
+    assert res.returncode == 2 and "unknown key 'algorithm.nme'" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -1,0 +1,98 @@
+"""The in-process trainer: summary shape, determinism, checkpoints, schedules, divergence."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from metadist.evaluation import summarise
+from metadist.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from metadist.runtime.local import Trainer, TrainingDiverged, evaluate_checkpoint
+
+
+def _fit(cfg):
+    trainer = Trainer(cfg)
+    return trainer, trainer.fit(progress=False)
+
+
+def test_summary_has_the_stable_shape(sine_debug):
+    trainer, summary = _fit(sine_debug())
+    assert set(summary) >= {"config", "metrics", "throughput", "eval", "checkpoint"}
+    assert summary["config"]["inner"]["lr"] == 0.01
+    assert summary["throughput"]["tasks_per_s"] > 0
+    ev = summary["eval"]
+    assert ev["split"] == "test" and ev["shots"] == 5 and ev["episodes"] == 40
+    assert [r["steps"] for r in ev["rows"]] == [0, 1, 2, 3]
+    assert all(r["ci95"] > 0 and math.isfinite(r["mean"]) for r in ev["rows"])
+    json.dumps(summary)  # must be serialisable as is
+    lines = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [0, 10, 20, 30, 39]
+    assert (trainer.run_dir / "config.yaml").is_file()
+
+
+def test_meta_training_improves_one_step_adaptation_on_the_fixed_tasks(sine_debug):
+    trainer = Trainer(sine_debug("train.steps=300", "outer.lr=0.003", "eval.episodes=100"))
+    before = trainer.evaluate()["rows"]
+    after = trainer.fit(progress=False)["eval"]["rows"]
+    assert after[1]["mean"] < 0.6 * before[1]["mean"]
+    assert after[1]["mean"] < after[0]["mean"]  # one test-time step helps after meta-training
+
+
+def test_same_seed_gives_bit_identical_parameters(sine_debug):
+    a, _ = _fit(sine_debug())
+    b, _ = _fit(sine_debug())
+    c, _ = _fit(sine_debug("seed=1"))
+    assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+    assert not torch.equal(a.params["head.weight"], c.params["head.weight"])
+
+
+def test_checkpoint_holds_the_state_and_evaluates_identically(sine_debug):
+    trainer, summary = _fit(sine_debug())
+    state = load_checkpoint(summary["checkpoint"])
+    assert state["step"] == 40 and state["optimizer"]["state"]
+    assert set(state["params"]) == set(trainer.params)
+    again = evaluate_checkpoint(summary["checkpoint"])
+    assert again["eval"]["rows"] == summary["eval"]["rows"]
+
+
+def test_resumed_run_matches_an_uninterrupted_one(sine_debug):
+    full, _ = _fit(sine_debug())
+    half = Trainer(sine_debug("train.checkpoint_every=20"))
+    half.cfg.train.steps = 20  # stop half way, as a crash after the step-20 checkpoint would
+    half.fit(progress=False)
+    resumed = Trainer(sine_debug())
+    resumed.load_state(load_checkpoint(half.run_dir / "checkpoint.pt"))
+    resumed.fit(progress=False)
+    assert all(torch.equal(full.params[k], resumed.params[k]) for k in full.params)
+
+
+def test_cosine_schedule_reaches_min_lr(sine_debug):
+    trainer, _ = _fit(sine_debug("outer.cosine=true", "outer.min_lr=0.0001"))
+    assert trainer.history[0]["lr_outer"] == pytest.approx(1e-3)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+def test_divergence_is_a_clear_error(sine_debug):
+    with pytest.raises(TrainingDiverged, match=r"not finite at step \d+.*inner.lr=1000000.0"):
+        _fit(sine_debug("inner.lr=1e6"))
+
+
+def test_eval_counts_diverged_tasks_instead_of_averaging_nan():
+    s = summarise(torch.tensor([1.0, 3.0, float("nan"), float("inf")]))
+    assert s["diverged"] == 2 and s["mean"] == pytest.approx(2.0)
+    assert s["ci95"] == pytest.approx(1.96 * math.sqrt(2.0) / math.sqrt(2))
+
+
+def test_checkpoint_write_is_atomic_and_foreign_files_are_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", {"step": 3})
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+    assert load_checkpoint(path)["step"] == 3
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable metadist checkpoint"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
