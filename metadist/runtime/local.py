@@ -71,6 +71,7 @@ class Trainer:
         self.algorithm = ALGORITHMS[cfg.algorithm.name]
         self.tasks = build_tasks(cfg)
         self.step = 0
+        self.last_loss = math.nan
         self.task_parallel = cfg.algorithm.task_parallel
         self.history: list[dict] = []
         self.run_dir = run_dir or new_run_dir(cfg)
@@ -90,10 +91,9 @@ class Trainer:
                 if record is not None:
                     record["tasks_per_s"] = timer.rate()
                     self.log(record)
-                    bar.update(task, loss=record["loss_after"])
                 if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                     self.save()
-                bar.update(task, completed=self.step)
+                bar.update(task, completed=self.step, loss=self.last_loss)
         checkpoint = self.save()
         report = self.evaluate()
         return self.summary(report, timer, checkpoint)
@@ -106,6 +106,7 @@ class Trainer:
         spec = make_spec(cfg, step, track=track)
         grads, sums = self.compute(batch.to(self.device), spec)
         n = sums.pop("tasks")
+        self.last_loss = (sums["loss_after"] / n).item()
         lr_outer = self.optimizer.param_groups[0]["lr"]  # the rate this step uses, before the schedule moves
         self.outer_step(grads, sums, n)
         self.step += 1
