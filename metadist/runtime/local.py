@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from metadist.algorithms import ALGORITHMS, init_meta_params, make_spec
 from metadist.algorithms import batching
-from metadist.config import Config, dump_config, to_dict
+from metadist.config import Config, ConfigError, dump_config, to_dict
 from metadist.evaluation import evaluate, print_eval
 from metadist.models import build_model
 from metadist.models.conv4 import update_running_stats
@@ -36,7 +36,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device=cuda was asked for, but torch sees no CUDA device here")
+        raise ConfigError("runtime.device: 'cuda' was asked for, but torch sees no CUDA device here; "
+                          "allowed here: 'cpu' or 'auto'")
     return torch.device(name)
 
 

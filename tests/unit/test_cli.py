@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import torch
 from typer.testing import CliRunner
 
 from metadist.cli import app
@@ -43,8 +44,12 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         (["train", JOB, "--set", "inner.steps=abc"], "inner.steps"),
         (["train", str(tmp_path / "nope.yaml")], "does not exist"),
         (["eval", str(tmp_path / "nope.pt")], "does not exist"),
+        (["train", JOB, "--set", "task.family=fewshot", "--set", "model.name=conv4"], "task.family=fewshot"),
+        (["train", JOB, "--set", "inner.lr=1e6", *_small(tmp_path)], "the meta-gradient is not finite"),
         (["config", JOB, "--set", "task.ways=1"], "task.ways: Input should be greater than or equal to 2"),
     ]
+    if not torch.cuda.is_available():
+        cases.append((["train", JOB, "--set", "runtime.device=cuda"], "runtime.device: 'cuda' was asked for"))
     for args, message in cases:
         res = runner.invoke(app, args)
         assert res.exit_code == 2, (args, res.output)
