@@ -251,7 +251,8 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
     node = data
     for p in parts[:-1]:
         child = node.get(p)
-        if child is None:
+        if not isinstance(child, dict):
+            # Absent or null, or a leaf given a deeper key (`inner.lr.x=1`): validation then names the key.
             child = node[p] = {}
         node = child
     node[parts[-1]] = value
@@ -274,9 +275,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Validate a nested dict (plus `a.b=c` overrides) into a Config, or raise one ConfigError."""
-    data = dict(data or {})
-    _check_keys(data, Config)
-    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy through plain types
+    data = data or {}
+    _check_keys(data, Config)  # first: it also rejects a job whose top level is not a mapping
+    data = yaml.safe_load(yaml.safe_dump(dict(data)))  # deep copy through plain types
     for text in overrides:
         key, value = parse_override(text)
         _check_keys(_nested(key, value), Config)

@@ -34,6 +34,7 @@ def init_meta_params(model: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:
     if name == "metasgd":
         params.update({f"lr/{n}": torch.full_like(p, lr) for n, p in list(params.items())})
     elif cfg.algorithm.lslr and name in ("maml", "fomaml"):
-        params.update({f"lslr/{n}": torch.full((cfg.inner.steps,), lr)
-                       for n in list(params)})
+        # Same dtype and device as the weight it scales, so flat transport and the outer step see one kind.
+        params.update({f"lslr/{n}": torch.full((cfg.inner.steps,), lr, dtype=p.dtype, device=p.device)
+                       for n, p in list(params.items())})
     return params

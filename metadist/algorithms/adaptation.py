@@ -58,7 +58,9 @@ class Forward:
     def __call__(self, params: Tensors, x: torch.Tensor, step: int, part: str = "all"):
         out = functional_call(self.model, params, (x,),
                               {"step": step, "bn": self.bn, "part": part, "stats": self.collect})
-        return out if self.collect else (out, [])
+        # Calls that pass through no BatchNorm (the head alone, an MLP) return a bare tensor even when
+        # statistics are asked for.
+        return out if self.collect and isinstance(out, tuple) else (out, [])
 
 
 def adapt(model: torch.nn.Module, params: Tensors, xs, ys, xq, yq, spec: InnerSpec):
@@ -74,8 +76,8 @@ def adapt(model: torch.nn.Module, params: Tensors, xs, ys, xq, yq, spec: InnerSp
     if head_only:
         # ANIL: the body is fixed within the task, so its features are computed once; the body still
         # receives meta-gradients through the adapted head.
-        xs, _ = fwd(fast, xs, 0, part="body")
-        xq, _ = fwd(fast, xq, 0, part="body")
+        xs, body_support_stats = fwd(fast, xs, 0, part="body")
+        xq, body_query_stats = fwd(fast, xq, 0, part="body")
         part = "head"
     else:
         part = "all"
@@ -108,7 +110,12 @@ def adapt(model: torch.nn.Module, params: Tensors, xs, ys, xq, yq, spec: InnerSp
             losses.append(loss_k)
             accs.append(acc_k)
     if spec.steps and spec.collect_bn:
-        bn_stats.append(stats)  # query statistics after the last step: the running stats of index `steps`
+        if head_only:
+            # Every BatchNorm is in the body, which is the same at every inner step: its support statistics
+            # are those of every step, its query statistics those after the last one.
+            bn_stats = [body_support_stats] * spec.steps + [body_query_stats]
+        else:
+            bn_stats.append(stats)  # query statistics after the last step: the running stats of index `steps`
 
     if spec.msl_weights is not None:
         objective = sum(w * l for w, l in zip(spec.msl_weights, losses[1:]))
