@@ -17,14 +17,15 @@ from metadist.algorithms import adapt_curve, make_eval_spec
 
 
 def summarise(values: torch.Tensor) -> dict:
-    """mean ± 1.96·std/√n over the finite entries of a 1-D tensor, and the count of the others."""
+    """mean ± 1.96·std/√n and the median over the finite entries of a 1-D tensor, and the count of
+    the others. The median shows when one task with a huge but finite loss dominates the mean."""
     values = values.double()
     finite = values[torch.isfinite(values)]
     n = finite.numel()
     mean = finite.mean().item() if n else math.nan
     std = finite.std(unbiased=True).item() if n > 1 else 0.0
     return {"mean": mean, "ci95": 1.96 * std / math.sqrt(n) if n else math.nan,
-            "diverged": int(values.numel() - n)}
+            "median": finite.median().item() if n else math.nan, "diverged": int(values.numel() - n)}
 
 
 def evaluate(model, params: dict, cfg, tasks, *, episodes: int | None = None, steps: int | None = None,
@@ -46,7 +47,8 @@ def evaluate(model, params: dict, cfg, tasks, *, episodes: int | None = None, st
         loss_row = summarise(loss[:, s])
         if "acc" in curves:
             acc = summarise(curves["acc"][:, s] * 100.0)
-            row = {"steps": s, "mean": acc["mean"], "ci95": acc["ci95"], "diverged": loss_row["diverged"],
+            row = {"steps": s, "mean": acc["mean"], "ci95": acc["ci95"], "median": acc["median"],
+                   "diverged": loss_row["diverged"],
                    "loss_mean": loss_row["mean"], "loss_ci95": loss_row["ci95"]}
         else:
             row = {"steps": s, **loss_row}
@@ -63,7 +65,9 @@ def print_eval(report: dict, title: str = "evaluation", console: Console | None 
     table.add_column("steps", justify="right")
     table.add_column(metric, justify="right")
     table.add_column("± 95% CI", justify="right")
+    table.add_column("median", justify="right")
     table.add_column("diverged", justify="right")
     for r in report["rows"]:
-        table.add_row(str(r["steps"]), f"{r['mean']:.4f}", f"{r['ci95']:.4f}", str(r["diverged"]))
+        table.add_row(str(r["steps"]), f"{r['mean']:.4f}", f"{r['ci95']:.4f}", f"{r['median']:.4f}",
+                      str(r["diverged"]))
     (console or Console()).print(table)
