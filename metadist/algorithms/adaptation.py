@@ -140,3 +140,15 @@ def adapt(model: torch.nn.Module, params: Tensors, xs, ys, xq, yq, spec: InnerSp
         aux["bn_mean"] = torch.stack([torch.stack([m for m, _ in s]) for s in bn_stats])
         aux["bn_var"] = torch.stack([torch.stack([v for _, v in s]) for s in bn_stats])
     return objective, aux
+
+
+def bn_aux(rows: list) -> dict[str, torch.Tensor]:
+    """Per-step BatchNorm statistics as aux entries: `bn_mean`/`bn_var` of shape (rows, layers, channels).
+
+    `rows[k]` is the list of per-layer (mean, var) seen after k inner steps; empty when the model has no
+    BatchNorm or statistics are not being collected.
+    """
+    if not rows or not rows[0]:
+        return {}
+    return {"bn_mean": torch.stack([torch.stack([m for m, _ in r]) for r in rows]),
+            "bn_var": torch.stack([torch.stack([v for _, v in r]) for r in rows])}

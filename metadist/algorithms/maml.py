@@ -12,7 +12,7 @@ from functools import partial
 
 import torch
 
-from metadist.algorithms.adaptation import adapt, task_loss
+from metadist.algorithms.adaptation import Forward, adapt, bn_aux, task_loss
 from metadist.algorithms.batching import sum_of_grads
 from metadist.algorithms.spec import InnerSpec
 from metadist.tasks.episode import Episode
@@ -57,15 +57,15 @@ def _objective(model, spec: InnerSpec, params, xs, ys, xq, yq):
 def pretrain(model, params: Tensors, batch: Episode, spec: InnerSpec):
     """The MAML paper's baseline: plain training on all tasks jointly (no inner loop).
 
-    Each task contributes the gradient of its loss on support and query points together.
+    Each task contributes the gradient of its loss on support and query points together. In per_step
+    BatchNorm mode its one set of batch statistics is reported as row 0 (every test step reuses it).
     """
+    fwd = Forward(model, spec)
+
     def objective(p, xs, ys, xq, yq):
         x, y = torch.cat([xs, xq]), torch.cat([ys, yq])
-        loss = task_loss(model_call(model, p, x), y, spec.loss)
+        out, stats = fwd(p, x, 0)
+        loss = task_loss(out, y, spec.loss)
         return loss, {"loss_before": loss.detach(), "loss_after": loss.detach(),
-                      "diverged": (~torch.isfinite(loss)).float().detach()}
+                      "diverged": (~torch.isfinite(loss)).float().detach(), **bn_aux([stats])}
     return _with_count(*sum_of_grads(objective, params, batch, spec), batch)
-
-
-def model_call(model, params: Tensors, x: torch.Tensor) -> torch.Tensor:
-    return torch.func.functional_call(model, params, (x,))

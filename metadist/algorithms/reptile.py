@@ -12,7 +12,7 @@ from functools import partial
 import torch
 from torch.func import grad
 
-from metadist.algorithms.adaptation import Forward, model_params, task_loss
+from metadist.algorithms.adaptation import Forward, bn_aux, model_params, task_loss
 from metadist.algorithms.batching import map_tasks
 from metadist.algorithms.spec import InnerSpec
 from metadist.tasks.episode import Episode
@@ -30,14 +30,17 @@ def _task(model, spec: InnerSpec, params, xs, ys, xq, yq):
     w = dict(theta)
 
     def loss_at(p, k):
-        return task_loss(fwd(p, xs, k)[0], ys, spec.loss)
+        out, stats = fwd(p, xs, k)
+        return task_loss(out, ys, spec.loss), stats
 
     m = {n: torch.zeros_like(v) for n, v in w.items()}
     v2 = {n: torch.zeros_like(v) for n, v in w.items()}
     b1, b2 = ADAM_BETAS
     before = task_loss(fwd(w, xq, 0)[0], yq, spec.loss)
+    bn_rows = []  # per_step mode: support statistics at each inner step, then the final query's
     for k in range(spec.steps):
-        g = grad(loss_at)(w, k)
+        g, stats = grad(loss_at, has_aux=True)(w, k)
+        bn_rows.append(stats)
         if spec.inner_optimizer == "adam":
             m = {n: b1 * m[n] + (1 - b1) * g[n] for n in w}
             v2 = {n: b2 * v2[n] + (1 - b2) * g[n] ** 2 for n in w}
@@ -45,9 +48,11 @@ def _task(model, spec: InnerSpec, params, xs, ys, xq, yq):
             w = {n: w[n] - spec.lr * (m[n] / c1) / ((v2[n] / c2).sqrt() + ADAM_EPS) for n in w}
         else:
             w = {n: w[n] - spec.lr * g[n] for n in w}
-    after = task_loss(fwd(w, xq, spec.steps)[0], yq, spec.loss)
+    out_q, stats = fwd(w, xq, spec.steps)
+    after = task_loss(out_q, yq, spec.loss)
     out = {f"grad.{n}": theta[n] - w[n] for n in theta}
-    out.update(loss_before=before, loss_after=after, diverged=(~torch.isfinite(after)).float())
+    out.update(loss_before=before, loss_after=after, diverged=(~torch.isfinite(after)).float(),
+               **bn_aux(bn_rows + [stats]))
     return out
 
 

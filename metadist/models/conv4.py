@@ -88,11 +88,14 @@ def update_running_stats(model: nn.Module, bn_mean: torch.Tensor, bn_var: torch.
                          momentum: float) -> None:
     """Fold per-step batch statistics, averaged over tasks, into the per-step running statistics.
 
-    `bn_mean`/`bn_var` are (steps + 1, layers, channels) as returned by the algorithms in `per_step`
-    mode; step indices beyond the model's kept ones are ignored.
+    `bn_mean`/`bn_var` are (rows, layers, channels) as returned by the algorithms in `per_step` mode,
+    row k holding the statistics seen after k inner steps. The model keeps a row for every test-time
+    step too; rows past the last trained one take the last trained row's statistics, so a test-time
+    step beyond the training steps is normalised with the closest statistics seen, not the initial ones.
     """
     norms = [m for m in model.modules() if isinstance(m, MetaBatchNorm2d)]
     for layer, norm in enumerate(norms):
-        k = min(bn_mean.shape[0], norm.running_mean.shape[0])
-        norm.running_mean[:k].lerp_(bn_mean[:k, layer].to(norm.running_mean), momentum)
-        norm.running_var[:k].lerp_(bn_var[:k, layer].to(norm.running_var), momentum)
+        kept = norm.running_mean.shape[0]
+        rows = torch.arange(kept, device=bn_mean.device).clamp(max=bn_mean.shape[0] - 1)
+        norm.running_mean.lerp_(bn_mean[rows, layer].to(norm.running_mean), momentum)
+        norm.running_var.lerp_(bn_var[rows, layer].to(norm.running_var), momentum)
