@@ -12,6 +12,9 @@ learning rates live beside them as `lr/<name>` (Meta-SGD, one rate per element) 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
@@ -19,6 +22,35 @@ from torch.func import functional_call, grad
 from metadist.algorithms.spec import InnerSpec
 
 Tensors = dict[str, torch.Tensor]
+
+# Set by the batching layer's loop path (`plain_autograd()`): inner gradients then come from plain
+# torch.autograd rather than torch.func.grad, whose per-call transform set-up dominated a task's cost.
+_PLAIN_AUTOGRAD: ContextVar[bool] = ContextVar("metadist_plain_autograd", default=False)
+
+
+@contextmanager
+def plain_autograd():
+    """Within this block, `adapt` takes inner gradients with torch.autograd (no torch.func transform may
+    be active around it). The maths is the same: second order unless `spec.first_order`."""
+    token = _PLAIN_AUTOGRAD.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN_AUTOGRAD.reset(token)
+
+
+def inner_grad(loss_fn, ad: Tensors, *args, create_graph: bool = True):
+    """(d loss_fn(ad, *args)[0] / d ad, loss_fn's aux): torch.func.grad, or torch.autograd under
+    `plain_autograd()` (graph kept for the meta-gradient when `create_graph`)."""
+    if not _PLAIN_AUTOGRAD.get():
+        return grad(loss_fn, has_aux=True)(ad, *args)
+    with torch.enable_grad():
+        # Outside any meta-gradient (evaluation under no_grad) the weights are not part of a graph yet.
+        ad = {n: v if v.requires_grad else v.detach().requires_grad_() for n, v in ad.items()}
+        loss, aux = loss_fn(ad, *args)
+        g = torch.autograd.grad(loss, list(ad.values()), create_graph=create_graph, allow_unused=True,
+                                materialize_grads=True)
+    return dict(zip(ad, g)), aux
 
 
 def model_params(params: Tensors) -> Tensors:
@@ -66,8 +98,8 @@ class Forward:
 def adapt(model: torch.nn.Module, params: Tensors, xs, ys, xq, yq, spec: InnerSpec):
     """Adapt to one task from `params` and return (meta-objective, aux metrics).
 
-    aux holds `loss_before`, `loss_after` (query loss at 0 and `spec.steps` steps), `acc_*` for
-    classification, `loss_steps`/`acc_steps` (after every step) when `spec.track`, `diverged`, and
+    aux holds `loss_after` (query loss after `spec.steps` steps), `loss_before` (at 0 steps, when
+    `spec.report_before` or `spec.track`), `acc_*` for classification, `loss_steps`/`acc_steps` (after every step) when `spec.track`, `diverged`, and
     per-step BatchNorm batch statistics `bn_mean`/`bn_var` in `per_step` training mode.
     """
     fwd = Forward(model, spec)
@@ -95,12 +127,16 @@ def adapt(model: torch.nn.Module, params: Tensors, xs, ys, xq, yq, spec: InnerSp
 
     need_every_step = spec.track or spec.msl_weights is not None
     losses, accs, bn_stats = [], [], []
-    loss0, acc0, _ = query(fast, 0)
-    losses.append(loss0)
-    accs.append(acc0)
+    before = spec.report_before or spec.track
+    if before:
+        with torch.no_grad():
+            # Only reported (never part of an objective): no graph, nor its query-sized activations, kept.
+            loss0, acc0, _ = query(fast, 0)
+        losses.append(loss0)
+        accs.append(acc0)
     for k in range(spec.steps):
         ad = {n: fast[n] for n in adapted}
-        g, stats = grad(support_loss, has_aux=True)(ad, fast, k)
+        g, stats = inner_grad(support_loss, ad, fast, k, create_graph=not spec.first_order)
         bn_stats.append(stats)
         if spec.first_order:
             g = {n: v.detach() for n, v in g.items()}
@@ -118,27 +154,24 @@ def adapt(model: torch.nn.Module, params: Tensors, xs, ys, xq, yq, spec: InnerSp
             bn_stats.append(stats)  # query statistics after the last step: the running stats of index `steps`
 
     if spec.msl_weights is not None:
-        objective = sum(w * l for w, l in zip(spec.msl_weights, losses[1:]))
+        objective = sum(w * l for w, l in zip(spec.msl_weights, losses[-spec.steps:]))
     else:
         objective = losses[-1]
 
     final = losses[-1].detach()
-    aux = {
-        "loss_before": loss0.detach(),
-        "loss_after": final,
-        "diverged": (~torch.isfinite(final)).float(),
-    }
+    aux = {"loss_after": final, "diverged": (~torch.isfinite(final)).float()}
     if spec.loss == "ce":
-        aux["acc_before"] = acc0.detach()
         aux["acc_after"] = accs[-1].detach()
+    if before:
+        aux["loss_before"] = loss0
+        if spec.loss == "ce":
+            aux["acc_before"] = acc0
     if spec.track:
         aux["loss_steps"] = torch.stack(losses).detach()
         if spec.loss == "ce":
             aux["acc_steps"] = torch.stack(accs).detach()
-    if spec.collect_bn and bn_stats and bn_stats[0]:
-        # (steps + 1, layers, channels): one row per BatchNorm step index.
-        aux["bn_mean"] = torch.stack([torch.stack([m for m, _ in s]) for s in bn_stats])
-        aux["bn_var"] = torch.stack([torch.stack([v for _, v in s]) for s in bn_stats])
+    if spec.collect_bn:
+        aux.update(bn_aux(bn_stats))
     return objective, aux
 
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from torch.func import grad
 
-from metadist.algorithms.adaptation import Forward, bn_aux, model_params, task_loss
+from metadist.algorithms.adaptation import Forward, bn_aux, inner_grad, model_params, task_loss
 from metadist.algorithms.batching import map_tasks
 from metadist.algorithms.spec import InnerSpec
 from metadist.tasks.episode import Episode
@@ -36,10 +35,10 @@ def _task(model, spec: InnerSpec, params, xs, ys, xq, yq):
     m = {n: torch.zeros_like(v) for n, v in w.items()}
     v2 = {n: torch.zeros_like(v) for n, v in w.items()}
     b1, b2 = ADAM_BETAS
-    before = task_loss(fwd(w, xq, 0)[0], yq, spec.loss)
+    before = task_loss(fwd(w, xq, 0)[0], yq, spec.loss) if spec.report_before else None
     bn_rows = []  # per_step mode: support statistics at each inner step, then the final query's
     for k in range(spec.steps):
-        g, stats = grad(loss_at, has_aux=True)(w, k)
+        g, stats = inner_grad(loss_at, w, k, create_graph=False)
         bn_rows.append(stats)
         if spec.inner_optimizer == "adam":
             m = {n: b1 * m[n] + (1 - b1) * g[n] for n in w}
@@ -51,8 +50,9 @@ def _task(model, spec: InnerSpec, params, xs, ys, xq, yq):
     out_q, stats = fwd(w, xq, spec.steps)
     after = task_loss(out_q, yq, spec.loss)
     out = {f"grad.{n}": theta[n] - w[n] for n in theta}
-    out.update(loss_before=before, loss_after=after, diverged=(~torch.isfinite(after)).float(),
-               **bn_aux(bn_rows + [stats]))
+    out.update(loss_after=after, diverged=(~torch.isfinite(after)).float(), **bn_aux(bn_rows + [stats]))
+    if before is not None:
+        out["loss_before"] = before
     return out
 
 

@@ -24,6 +24,9 @@ class InnerSpec:
     """Multi-step loss: weight of the query loss after each inner step 1..steps (None: final only)."""
     track: bool = False
     """Also report the query metrics after every inner step (costs one query forward per step)."""
+    report_before: bool = True
+    """Report the query loss (and accuracy) before adaptation. It costs one extra query forward per task,
+    about a tenth of a Conv-4 meta-gradient, so the trainer asks for it on logging steps only."""
     bn: str = "transductive"
     """BatchNorm mode: `transductive` or `per_step` (see metadist.models.conv4)."""
     bn_eval: bool = False

@@ -104,7 +104,8 @@ class Trainer:
         cfg, step = self.cfg, self.step
         track = step % cfg.train.log_every == 0 or step == cfg.train.steps - 1
         batch = self.tasks.sample(step, range(cfg.train.meta_batch), cfg.task.shots, cfg.task.query)
-        spec = make_spec(cfg, step, track=track)
+        # Pre-adaptation metrics cost a query forward per task: only on the steps that log them.
+        spec = make_spec(cfg, step, track=track).with_(report_before=track)
         grads, sums = self.compute(batch.to(self.device), spec)
         n = sums.pop("tasks")
         self.last_loss = (sums["loss_after"] / n).item()

@@ -625,3 +625,57 @@ def test_adapt_curve_classification_accuracy_matches_torch_sgd():
             opt.step()
         torch.testing.assert_close(curve["loss"][t], torch.stack(losses), **TIGHT)
         torch.testing.assert_close(curve["acc"][t], torch.stack(accs).to(curve["acc"].dtype))
+
+
+# ----------------------------------------------------------------------- task_parallel: auto, metrics
+
+def test_choose_task_parallel_returns_the_faster_mode():
+    from metadist.algorithms.batching import MODES, choose_task_parallel
+
+    model, batch = tiny_mlp(), sine_batch(3)
+    cfg = sine_cfg()
+    params = meta_params(model, cfg)
+    calls = []
+
+    def timed(model_, params_, batch_, spec_):
+        # loop is made deliberately slow, so the measurement must pick vmap.
+        calls.append(spec_.task_parallel)
+        if spec_.task_parallel == "loop":
+            import time
+            time.sleep(0.02)
+        return ALGORITHMS["maml"](model_, params_, batch_, spec_)
+
+    assert choose_task_parallel(timed, model, params, batch, make_spec(cfg), repeats=2) == "vmap"
+    # One warm-up per mode, then the timed calls alternate.
+    assert calls == ["vmap", "loop", "vmap", "loop", "vmap", "loop"]
+    assert set(calls) == set(MODES)
+
+
+def test_choose_task_parallel_skips_a_mode_that_fails():
+    from metadist.algorithms.batching import choose_task_parallel
+
+    model, batch = tiny_mlp(), sine_batch(2)
+    cfg = sine_cfg()
+
+    def no_vmap(model_, params_, batch_, spec_):
+        if spec_.task_parallel == "vmap":
+            raise RuntimeError("Batching rule not implemented for aten::something")
+        return ALGORITHMS["maml"](model_, params_, batch_, spec_)
+
+    with pytest.warns(UserWarning, match="task_parallel=vmap failed"):
+        assert choose_task_parallel(no_vmap, model, meta_params(model, cfg), batch, make_spec(cfg)) == "loop"
+
+
+@pytest.mark.parametrize("name", ["maml", "anil", "reptile"])
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_pre_adaptation_metrics_are_optional_and_change_nothing_else(name, mode):
+    model, batch = tiny_mlp(), sine_batch(3)
+    cfg, params = _params_for(model, name)
+    spec = make_spec(cfg).with_(task_parallel=mode)
+    with_before, m1 = ALGORITHMS[name](model, params, batch, spec)
+    without, m2 = ALGORITHMS[name](model, params, batch, spec.with_(report_before=False))
+    assert_grads_close(without, with_before, **TIGHT)
+    assert "loss_before" in m1 and "loss_before" not in m2
+    assert set(m1) - set(m2) == {"loss_before"}
+    for k in m2:
+        torch.testing.assert_close(m2[k], m1[k], **TIGHT)
