@@ -156,6 +156,31 @@ class RuntimeConfig:
     """torch intra-op threads per process; 0 keeps torch's default."""
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     """Device for the inner loops: `auto` takes CUDA where available."""
+    address: Optional[str] = None
+    """Ray cluster to join (`auto`, `host:port`, or `ray://host:port`); empty starts a local Ray in this
+    process, sized for the workers."""
+    cpus_per_worker: PositiveFloat = 1.0
+    """CPUs reserved for each worker actor (fractions allowed, to place more workers than cores)."""
+    gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
+    """GPUs reserved for each worker actor: 1 gives every worker its own GPU (needs device cuda or auto)."""
+    max_worker_restarts: NonNegInt = 3
+    """Times a dead worker is replaced (its tasks recomputed for the same step) before the run fails."""
+    object_store_mb: PositiveInt = 512
+    """Object store size of a local Ray started by metadist (MB); ignored when joining a cluster."""
+    placement_timeout_s: PositiveFloat = 60.0
+    """Seconds to wait for the cluster to reserve all workers at once before failing with an error."""
+
+
+@dataclass(config=_STRICT)
+class TrackingConfig:
+    enabled: bool = True
+    """Record the run in MLflow (params, metrics, plots, checkpoints, the evaluation report)."""
+    uri: Optional[str] = None
+    """MLflow tracking URI; empty takes $MLFLOW_TRACKING_URI, else `sqlite:///<cwd>/mlflow.db`."""
+    experiment: Optional[str] = None
+    """MLflow experiment name; defaults to the run name."""
+    plot_tasks: PositiveInt = 3
+    """Sinusoid test tasks drawn in the fit plot (MAML paper, Figure 2)."""
 
 
 @dataclass(config=_STRICT)
@@ -188,6 +213,8 @@ class Config:
     """Where and how the work runs."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data location."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow run recording."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -197,6 +224,9 @@ class Config:
              "model.name", "conv4 is for fewshot classification; use mlp for sinusoid"),
             (self.task.amplitude[0] > self.task.amplitude[1], "task.amplitude", "needs lo <= hi"),
             (self.task.x_range[0] >= self.task.x_range[1], "task.x_range", "needs lo < hi"),
+            (self.runtime.gpus_per_worker > 0 and self.runtime.device == "cpu", "runtime.device",
+             "'cpu' with runtime.gpus_per_worker > 0 reserves GPUs the workers would not use; "
+             "allowed then: 'cuda' or 'auto'"),
         ]
         for bad, key, why in checks:
             if bad:

@@ -20,3 +20,11 @@ def sine_debug(tmp_path):
                             "eval.episodes=40", "eval.steps=3", "algorithm.task_parallel=vmap",
                             *overrides])
     return make
+
+
+@pytest.fixture(autouse=True)
+def mlflow_store(tmp_path, monkeypatch):
+    """Every test that records to MLflow records to its own SQLite store, never to ./mlflow.db."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri

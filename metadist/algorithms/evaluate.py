@@ -6,7 +6,7 @@ from functools import partial
 
 import torch
 
-from metadist.algorithms.adaptation import adapt
+from metadist.algorithms.adaptation import Forward, adapt, model_params, step_lr, task_loss
 from metadist.algorithms.batching import map_tasks
 from metadist.algorithms.spec import InnerSpec
 from metadist.tasks.episode import Episode
@@ -26,3 +26,25 @@ def adapt_curve(model, params: dict, batch: Episode, spec: InnerSpec) -> dict[st
     params = {k: v.detach() for k, v in params.items()}
     with torch.no_grad():
         return map_tasks(partial(_curve, model, spec), params, batch, spec)
+
+
+def adapted_predictions(model, params: dict, xs: torch.Tensor, ys: torch.Tensor, x: torch.Tensor,
+                        spec: InnerSpec) -> torch.Tensor:
+    """Predictions of one task's model on inputs `x` after 0..spec.steps test-time steps on (xs, ys).
+
+    Returns (steps + 1, *prediction shape). Used to draw adapted fits (MAML paper, Figure 2).
+    """
+    fwd = Forward(model, spec)
+    fast = {k: v.detach() for k, v in model_params(params).items()}
+    preds = []
+    for k in range(spec.steps + 1):
+        with torch.no_grad():
+            preds.append(fwd(fast, x, k)[0])
+        if k == spec.steps:
+            break
+        with torch.enable_grad():
+            leaves = {n: v.requires_grad_() for n, v in ((n, v.clone()) for n, v in fast.items())}
+            loss = task_loss(fwd(leaves, xs, k)[0], ys, spec.loss)
+            grads = torch.autograd.grad(loss, list(leaves.values()))
+        fast = {n: (leaves[n] - step_lr(params, n, k, spec) * g).detach() for n, g in zip(leaves, grads)}
+    return torch.stack(preds)

@@ -10,7 +10,7 @@ import torch
 
 from metadist.evaluation import summarise
 from metadist.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from metadist.runtime.local import Trainer, TrainingDiverged, evaluate_checkpoint
+from metadist.runtime.driver import Trainer, TrainingDiverged, evaluate_checkpoint
 
 
 def _fit(cfg):

@@ -1,0 +1,239 @@
+"""The Ray executor: worker actors each compute the meta-gradient of their share of the meta-batch.
+
+Per outer step the driver flattens the meta-parameters into one tensor, puts it in the object store
+once, and sends every worker the reference, the step and its task indices. A worker draws its own
+tasks, calls `metadist.algorithms` through its `TaskShard`, and returns the summed meta-gradients as
+one flat tensor, its metrics and its compute time. The driver adds the results in worker order (so the
+same seed and worker count give bit-identical results), and the trainer divides by the task count.
+
+A worker that dies mid-step (its process killed, its node lost) is replaced by a new actor in the same
+placement-group bundle, and its tasks of that step are computed again: procedural tasks are a pure
+function of (seed, step, index), so the result is unchanged. `restarts` counts replacements.
+
+Workers are created in one placement group, so the cluster reserves them all at once or not at all;
+inside a Ray Tune trial the trial's own placement group (bundle 0 for the trial, 1..W for workers) is
+used instead.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from rich.console import Console
+
+from metadist.algorithms.spec import InnerSpec
+from metadist.config import Config, from_dict, to_dict
+from metadist.runtime.errors import ClusterError
+from metadist.runtime.flat import Layout
+from metadist.runtime.local import StepResult, TaskShard, split_tasks
+
+Tensors = dict[str, torch.Tensor]
+
+
+class MetaWorker:
+    """A worker actor: holds a TaskShard (device, model replica, task source) and places work on it."""
+
+    def __init__(self, cfg: dict, layout: Layout, rank: int):
+        self.rank = rank
+        self.layout = layout
+        self.shard = TaskShard(from_dict(cfg))
+
+    def compute(self, flat_params: torch.Tensor, step: int, spec: InnerSpec, indices: range):
+        start = time.perf_counter()
+        params = self.layout.unflatten(flat_params)
+        grads, sums = self.shard.compute(params, step, spec, indices)
+        flat = self.layout.flatten(grads).cpu()  # .cpu() waits for an accelerator's kernels
+        return flat, {k: v.cpu() for k, v in sums.items()}, time.perf_counter() - start
+
+    def info(self) -> dict:
+        return {"rank": self.rank, "pid": os.getpid(), "node": socket.gethostname(), **self.shard.describe()}
+
+
+def connect(cfg: Config) -> bool:
+    """Make sure this process is connected to Ray; True if it started the instance (and must stop it)."""
+    if ray.is_initialized():
+        return False
+    rt = cfg.runtime
+    # Inside a Ray job (metadist submit) the job server says which cluster this process belongs to.
+    address = rt.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # A local instance sized for the workers plus the driver; fractional CPUs place more workers
+        # than cores when asked to.
+        cpus = max(os.cpu_count() or 1, int(rt.workers * rt.cpus_per_worker + 0.999))
+        ray.init(num_cpus=cpus, num_gpus=torch.cuda.device_count() if rt.gpus_per_worker else None,
+                 object_store_memory=rt.object_store_mb * 1024 * 1024, include_dashboard=False,
+                 configure_logging=False, log_to_driver=True)
+        return True
+    _check_reachable(address)
+    try:
+        ray.init(address=address, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ClusterError(f"runtime.address={address!r}: could not join the Ray cluster "
+                           f"({str(err).splitlines()[0][:300]})") from None
+    return False
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast, instead of ray.init's long retries, when host:port does not answer at all."""
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"runtime.address={address!r}: expected 'auto', 'host:port' or 'ray://host:port'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ClusterError(f"runtime.address={address!r}: nothing answers at {host}:{port} ({err.strerror or err}); "
+                           f"start a head with cluster/start-head.sh, or leave runtime.address empty for a "
+                           f"local Ray") from None
+
+
+def _check_resources(cfg: Config) -> None:
+    rt = cfg.runtime
+    total = ray.cluster_resources()
+    want = {"CPU": rt.workers * rt.cpus_per_worker, "GPU": rt.workers * rt.gpus_per_worker}
+    short = {k: v for k, v in want.items() if v > total.get(k, 0.0) + 1e-9}
+    if short:
+        have = ", ".join(f"{total.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
+        asked = " and ".join(f"{v:g} {k}" for k, v in want.items() if v)
+        raise ClusterError(f"runtime.workers={rt.workers} with cpus_per_worker={rt.cpus_per_worker:g}, "
+                           f"gpus_per_worker={rt.gpus_per_worker:g} asks for {asked}; the Ray cluster has "
+                           f"{have} in all")
+
+
+class RayExecutor:
+    """`runtime.workers` actors, one device each, and the driver-side reduce."""
+
+    name = "ray"
+
+    def __init__(self, cfg: Config, console: Console | None = None, layout: Layout | None = None):
+        from metadist.algorithms import init_meta_params
+        from metadist.models import build_model
+
+        self.cfg = cfg
+        self.console = console or Console(stderr=True)
+        self.owns_ray = connect(cfg)
+        self.restarts = 0
+        self.after_submit = None  # test hook: called with (step, actors) once a step's work is submitted
+        if layout is None:
+            with torch.random.fork_rng(devices=[]):
+                layout = Layout.of(init_meta_params(build_model(cfg), cfg))
+        self.layout = layout
+        try:
+            self.pg, self.bundle0, self.owns_pg = self._placement()
+            self.actors = [self._start(rank) for rank in range(cfg.runtime.workers)]
+            self.infos = ray.get([a.info.remote() for a in self.actors])
+        except BaseException:
+            self.close()
+            raise
+        devices = sorted({i["device"] for i in self.infos})
+        self.console.log(f"ray: {len(self.actors)} worker(s) on {', '.join(devices)}")
+
+    # -- placement ------------------------------------------------------------------------------
+    def _placement(self) -> tuple[PlacementGroup, int, bool]:
+        current = ray.util.get_current_placement_group()
+        if current is not None:  # inside a Tune trial: its placement group already holds our bundles
+            return current, 1, False
+        _check_resources(self.cfg)
+        rt = self.cfg.runtime
+        bundle = {"CPU": rt.cpus_per_worker, **({"GPU": rt.gpus_per_worker} if rt.gpus_per_worker else {})}
+        pg = placement_group([dict(bundle) for _ in range(rt.workers)], strategy="PACK")
+        ready, _ = ray.wait([pg.ready()], timeout=rt.placement_timeout_s)
+        if not ready:
+            remove_placement_group(pg)
+            raise ClusterError(f"the cluster did not reserve {rt.workers} worker(s) of {bundle} within "
+                               f"{rt.placement_timeout_s:g} s; other jobs may hold the resources "
+                               f"(see `ray status`)")
+        return pg, 0, True
+
+    def _start(self, rank: int):
+        rt = self.cfg.runtime
+        actor_cls = ray.remote(MetaWorker).options(
+            num_cpus=rt.cpus_per_worker, num_gpus=rt.gpus_per_worker,
+            # A dead worker is replaced by a fresh actor, not restarted by Ray: its bundle is then
+            # free for the replacement, and the driver knows exactly which step's tasks to recompute.
+            max_restarts=0, max_task_retries=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self.bundle0 + rank))
+        return actor_cls.remote(to_dict(self.cfg), self.layout, rank)
+
+    def _replace(self, rank: int, err: Exception) -> None:
+        self.restarts += 1
+        if self.restarts > self.cfg.runtime.max_worker_restarts:
+            raise ClusterError(f"worker {rank} died and runtime.max_worker_restarts="
+                               f"{self.cfg.runtime.max_worker_restarts} replacements are used up "
+                               f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        self.console.log(f"worker {rank} died ({type(err).__name__}); replacing it and recomputing its tasks")
+        try:
+            ray.kill(self.actors[rank], no_restart=True)
+        except Exception:  # already gone; nothing to free
+            pass
+        self.actors[rank] = self._start(rank)
+        self.infos[rank] = ray.get(self.actors[rank].info.remote())
+
+    # -- one step -------------------------------------------------------------------------------
+    def compute(self, params: Tensors, step: int, spec: InnerSpec, tasks: int) -> StepResult:
+        start = time.perf_counter()
+        ref = ray.put(self.layout.flatten(params).cpu())  # once per step, shared by every worker
+        shares = [(rank, r) for rank, r in enumerate(split_tasks(tasks, len(self.actors))) if len(r)]
+        pending = {self.actors[rank].compute.remote(ref, step, spec, r): (rank, r) for rank, r in shares}
+        if self.after_submit is not None:
+            self.after_submit(step, self)
+        results = {}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            rank, share = pending.pop(done[0])
+            try:
+                results[rank] = ray.get(done[0])
+            except ray.exceptions.RayActorError as err:
+                self._replace(rank, err)
+                pending[self.actors[rank].compute.remote(ref, step, spec, share)] = (rank, share)
+        total, sums = None, {}
+        for rank in sorted(results):  # a fixed order: same seed and W give bit-identical sums
+            flat, metrics, _ = results[rank]
+            total = flat if total is None else total + flat
+            for k, v in metrics.items():
+                sums[k] = sums[k] + v if k in sums else v
+        compute_s = max(r[2] for r in results.values())
+        wall = time.perf_counter() - start
+        return StepResult(self.layout.unflatten(total), sums, compute_s, max(wall - compute_s, 0.0))
+
+    # -- around ---------------------------------------------------------------------------------
+    def pids(self) -> list[int]:
+        return [i["pid"] for i in self.infos]
+
+    def describe(self) -> dict:
+        infos = self.infos
+        try:  # the task_parallel each worker chose is known after its first step
+            infos = ray.get([a.info.remote() for a in self.actors], timeout=30)
+        except Exception:
+            pass
+        return {"executor": "ray", "workers": len(self.actors), "ray_version": ray.__version__,
+                "devices": sorted({i["device"] for i in infos}), "nodes": len({i["node"] for i in infos}),
+                "workers_info": infos}
+
+    def close(self) -> None:
+        """Stop the workers, free their placement group, and stop Ray if this executor started it."""
+        if not ray.is_initialized():
+            return
+        for actor in getattr(self, "actors", []):
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
+        self.actors = []
+        if getattr(self, "owns_pg", False):
+            try:
+                remove_placement_group(self.pg)
+            except Exception:
+                pass
+            self.owns_pg = False
+        if self.owns_ray:
+            ray.shutdown()
+            self.owns_ray = False
