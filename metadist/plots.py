@@ -1,0 +1,90 @@
+"""Figures for a run, drawn with matplotlib (which MLflow already installs) and logged as PNGs.
+
+- `training_curve`: query loss (and accuracy) before and after adaptation against the outer step.
+- `adaptation_curve`: the evaluation metric against test-time steps, before and after meta-training,
+  with 95% CI bands.
+- `sine_fits`: a few sinusoid test tasks, the true curve, the K support points and the model's fit
+  after 0, 1 and 10 test-time steps, before and after meta-training (MAML paper, Figure 2).
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and in workers
+
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from metadist.algorithms import make_eval_spec  # noqa: E402
+from metadist.algorithms.evaluate import adapted_predictions  # noqa: E402
+
+
+def training_curve(history: list[dict], name: str):
+    """The logged records of a run as curves against the outer step."""
+    steps = [r["step"] for r in history]
+    has_acc = any("acc_after" in r for r in history)
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    for key, label in (("loss_before", "before adaptation"), ("loss_after", "after adaptation")):
+        pts = [(s, r[key]) for s, r in zip(steps, history) if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=label)
+    ax.set(xlabel="outer step", ylabel="query loss (mean over the meta-batch)", title=f"{name}: meta-training")
+    if all(r.get("loss_after", 1) > 0 for r in history):
+        ax.set_yscale("log")
+    ax.legend()
+    if has_acc:
+        ax = axes[0, 1]
+        for key, label in (("acc_before", "before adaptation"), ("acc_after", "after adaptation")):
+            pts = [(s, 100 * r[key]) for s, r in zip(steps, history) if key in r]
+            if pts:
+                ax.plot(*zip(*pts), label=label)
+        ax.set(xlabel="outer step", ylabel="query accuracy %", title="accuracy")
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def adaptation_curve(reports: dict[str, dict], name: str):
+    """Evaluation rows (metric after 0..S test-time steps, mean ± 95% CI) of several reports."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    metric = "accuracy %" if next(iter(reports.values()))["metric"] == "accuracy" else "MSE"
+    for label, report in reports.items():
+        rows = report["rows"]
+        s = [r["steps"] for r in rows]
+        m = torch.tensor([r["mean"] for r in rows])
+        c = torch.tensor([r["ci95"] for r in rows])
+        ax.plot(s, m, marker="o", label=label)
+        ax.fill_between(s, m - c, m + c, alpha=0.25)
+    first = next(iter(reports.values()))
+    ax.set(xlabel="test-time steps", ylabel=f"query {metric}",
+           title=f"{name}: {first['episodes']} {first['split']} tasks, {first['shots']}-shot")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def sine_fits(model, params_by_label: dict[str, dict], cfg, tasks, n_tasks: int = 3, steps=(0, 1, 10)):
+    """Rows: parameter sets (before / after meta-training); columns: test tasks."""
+    shots = cfg.eval.shots or cfg.task.shots
+    batch = tasks.fixed(cfg.eval.split, n_tasks, shots, cfg.eval.query)
+    spec = make_eval_spec(cfg, steps=max(steps))
+    lo, hi = cfg.task.x_range
+    grid = torch.linspace(lo, hi, 200).unsqueeze(-1)
+    fig, axes = plt.subplots(len(params_by_label), n_tasks, figsize=(4 * n_tasks, 3.2 * len(params_by_label)),
+                             squeeze=False, sharex=True)
+    for row, (label, params) in enumerate(params_by_label.items()):
+        for t in range(n_tasks):
+            ax = axes[row, t]
+            amp, phase = batch.info["amplitude"][t].item(), batch.info["phase"][t].item()
+            ax.plot(grid[:, 0], amp * torch.sin(grid[:, 0] + phase), "k-", lw=2, label="true")
+            preds = adapted_predictions(model, params, batch.xs[t], batch.ys[t], grid, spec)
+            for s in steps:
+                ax.plot(grid[:, 0], preds[s][:, 0], "--" if s == 0 else "-", label=f"after {s} step(s)")
+            ax.plot(batch.xs[t][:, 0], batch.ys[t][:, 0], "^", color="purple", ms=8, label=f"{shots} support points")
+            ax.set_title(f"{label}: A={amp:.2f}, φ={phase:.2f}", fontsize=9)
+            ax.set_ylim(-6, 6)
+    axes[0, 0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig

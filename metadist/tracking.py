@@ -1,0 +1,202 @@
+"""MLflow recording of a run. Only the driver process uses this module.
+
+The store is `tracking.uri`, else $MLFLOW_TRACKING_URI, else a SQLite file `mlflow.db` in the working
+directory, with artifacts in `mlruns/` beside it; no server is needed. A run records:
+- params: the flattened resolved config; tags: Ray version, worker count, device kinds, the run folder;
+- metrics on every logging step: meta-loss, query loss and accuracy before and after adaptation,
+  tasks/s, step time split into compute / communication / driver, worker restarts; final evaluation;
+- artifacts: config.yaml, checkpoints, the final model, eval.json, metrics.jsonl, and PNG plots.
+
+Everything goes through an explicit `MlflowClient` and run id rather than mlflow's global "active run",
+so a Tune trial or a test can hold several runs without them leaking into each other.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from metadist import __version__
+from metadist.config import flatten, to_dict
+
+MAX_PARAM = 6000  # MLflow's limit on a param value's length
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    """The store to record to: the config's, else $MLFLOW_TRACKING_URI, else ./mlflow.db (absolute)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    # Absolute, because Tune trials and Ray jobs change directory.
+    return f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
+
+
+def _artifact_root(uri: str) -> str | None:
+    # A local SQLite store keeps artifacts beside the database, wherever the process runs from.
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
+    return None
+
+
+class Tracker:
+    """One MLflow run for one training run."""
+
+    def __init__(self, cfg, uri: str | None = None, run_id: str | None = None, parent_run_id: str | None = None):
+        self.cfg = cfg
+        self.uri = tracking_uri(uri or cfg.tracking.uri)
+        self.client = MlflowClient(self.uri)
+        self.run_id = run_id
+        self.parent_run_id = parent_run_id
+        self.baseline: dict | None = None
+        self.initial_params: dict | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self, trainer) -> None:
+        """Create (or, on resume, reopen) the run and record the config and system information."""
+        cfg = self.cfg
+        if self.run_id is not None:
+            self.client.update_run(self.run_id, status="RUNNING")
+            self._log_baseline(trainer)
+            return
+        name = cfg.tracking.experiment or cfg.name
+        exp = self.client.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(
+            name, artifact_location=_artifact_root(self.uri))
+        tags = {"mlflow.runName": trainer.run_dir.name, "metadist.version": __version__,
+                "metadist.run_dir": str(Path(trainer.run_dir).resolve()),
+                "algorithm": cfg.algorithm.name, "task_family": cfg.task.family,
+                "executor": cfg.runtime.executor, "workers": str(cfg.runtime.workers)}
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        run = self.client.create_run(exp_id, run_name=trainer.run_dir.name, tags=tags)
+        self.run_id = run.info.run_id
+        params = [Param(k, str(v)[:MAX_PARAM]) for k, v in flatten(to_dict(cfg)).items()]
+        for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        info = trainer.executor.describe()
+        system = {"ray_version": info.get("ray_version", "-"), "workers": str(info["workers"]),
+                  "device_kinds": ",".join(info.get("devices") or sorted({w["device"] for w in info["workers_info"]})),
+                  "torch_version": torch.__version__}
+        self.client.log_batch(self.run_id, tags=[RunTag(f"system.{k}", v) for k, v in system.items()])
+        self.client.log_artifact(self.run_id, str(trainer.run_dir / "config.yaml"))
+        self._log_baseline(trainer)
+
+    def _log_baseline(self, trainer) -> None:
+        # The "before meta-training" side of the adaptation plot: the initial parameters, evaluated once
+        # and kept in the run folder so a resumed run draws the same curve.
+        path = trainer.run_dir / "eval_initial.json"
+        init_path = trainer.run_dir / "params_initial.pt"
+        if path.exists() and init_path.exists():
+            import json
+            self.baseline = json.loads(path.read_text())
+            self.initial_params = torch.load(init_path, weights_only=True)
+            return
+        if trainer.step != 0:
+            return  # resumed without a baseline: the plots show the meta-trained curve alone
+        import json
+        from metadist.evaluation import evaluate
+        self.initial_params = {k: v.detach().clone() for k, v in trainer.params.items()}
+        torch.save(self.initial_params, init_path)
+        self.baseline = evaluate(trainer.model, trainer.params, self.cfg, trainer.tasks)
+        path.write_text(json.dumps(self.baseline, indent=2))
+
+    def log_record(self, record: dict) -> None:
+        """One logging step's metrics (scalars only; per-inner-step lists become `<key>_<k>`)."""
+        step, now = int(record["step"]), int(time.time() * 1000)
+        metrics = []
+        for k, v in record.items():
+            if k == "step":
+                continue
+            values = enumerate(v) if isinstance(v, list) else [(None, v)]
+            for i, x in values:
+                if isinstance(x, (int, float)) and math.isfinite(x):
+                    metrics.append(Metric(k if i is None else f"{k}_{i}", float(x), now, step))
+        if "loss_after" in record:
+            metrics.append(Metric("meta_loss", float(record["loss_after"]), now, step))
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def checkpoint_saved(self, path: Path, step: int) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path="checkpoints")
+
+    def finish(self, trainer, summary: dict) -> None:
+        """Final evaluation metrics, the report, the model and the plots; mark the run FINISHED."""
+        from metadist import plots
+
+        now = int(time.time() * 1000)
+        report = summary["eval"]
+        metrics = [Metric(f"eval_{report['metric']}_{r['steps']}", float(r["mean"]), now, trainer.step)
+                   for r in report["rows"] if math.isfinite(r["mean"])]
+        metrics += [Metric(f"eval_{report['metric']}_{r['steps']}_ci95", float(r["ci95"]), now, trainer.step)
+                    for r in report["rows"] if math.isfinite(r["ci95"])]
+        tps = summary["throughput"]["tasks_per_s"]
+        if isinstance(tps, float) and math.isfinite(tps):
+            metrics.append(Metric("steady_tasks_per_s", tps, now, trainer.step))
+        self.client.log_batch(self.run_id, metrics=metrics)
+        run_dir = Path(trainer.run_dir)
+        for name in ("eval.json", "metrics.jsonl"):
+            if (run_dir / name).exists():
+                self.client.log_artifact(self.run_id, str(run_dir / name))
+        model_path = run_dir / "model.pt"
+        torch.save({"config": to_dict(self.cfg), "params": {k: v.detach().cpu() for k, v in trainer.params.items()},
+                    "buffers": {k: v.cpu() for k, v in trainer.model.named_buffers()}}, model_path)
+        self.client.log_artifact(self.run_id, str(model_path), artifact_path="model")
+        history = _history(run_dir)
+        if history:
+            self._figure(plots.training_curve(history, self.cfg.name), "plots/training_curve.png")
+        reports = {"before meta-training": self.baseline} if self.baseline else {}
+        reports["after meta-training"] = report
+        self._figure(plots.adaptation_curve(reports, self.cfg.name), "plots/adaptation_curve.png")
+        if self.cfg.task.family == "sinusoid":
+            sets = {"before meta-training": self.initial_params} if self.initial_params else {}
+            sets["after meta-training"] = trainer.params
+            self._figure(plots.sine_fits(trainer.model, sets, self.cfg, trainer.tasks,
+                                         n_tasks=self.cfg.tracking.plot_tasks), "plots/sine_fits.png")
+        self.client.set_terminated(self.run_id, status="FINISHED")
+
+    def fail(self, err: BaseException) -> None:
+        """Mark the run FAILED (KILLED on Ctrl-C), so the dashboard never shows it as running forever."""
+        if self.run_id is None:
+            return
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        try:
+            self.client.set_tag(self.run_id, "error", f"{type(err).__name__}: {str(err)[:500]}")
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception:  # the store itself may be what failed; the original error matters more
+            pass
+
+    def _figure(self, fig, name: str) -> None:
+        import matplotlib.pyplot as plt
+
+        self.client.log_figure(self.run_id, fig, name)
+        plt.close(fig)
+
+
+def _history(run_dir: Path) -> list[dict]:
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def find_run_dir(run_id: str, uri: str | None = None) -> Path:
+    """The run folder recorded for MLflow run `run_id` (for `metadist train --resume RUN_ID`)."""
+    client = MlflowClient(tracking_uri(uri))
+    try:
+        run = client.get_run(run_id)
+    except Exception as err:
+        raise FileNotFoundError(f"no MLflow run {run_id!r} in {tracking_uri(uri)} ({type(err).__name__})") from None
+    path = run.data.tags.get("metadist.run_dir")
+    if path and (Path(path) / "checkpoint.pt").exists():
+        return Path(path)
+    # The folder is gone (another machine): fetch the last checkpoint logged to the run.
+    dest = Path(client.download_artifacts(run_id, "checkpoints"))
+    return dest

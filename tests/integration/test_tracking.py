@@ -1,0 +1,53 @@
+"""A finished run read back from its MLflow store: params, metric histories, tags and artifacts."""
+
+from __future__ import annotations
+
+import json
+
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from metadist.cli import app
+
+from ..conftest import ROOT
+
+
+def _artifacts(client, run_id, path=None):
+    out = []
+    for f in client.list_artifacts(run_id, path):
+        out += _artifacts(client, run_id, f.path) if f.is_dir else [f.path]
+    return out
+
+
+def test_a_finished_run_is_readable_through_mlflow(tmp_path, mlflow_store):
+    summary_path = tmp_path / "summary.json"
+    res = CliRunner().invoke(app, [
+        "train", str(ROOT / "jobs/sine/maml-debug.yaml"), "--no-progress", "--summary-json", str(summary_path),
+        "--set", f"train.out_dir={tmp_path / 'runs'}", "--set", "train.steps=30", "--set", "train.log_every=10",
+        "--set", "train.checkpoint_every=15", "--set", "eval.episodes=20", "--set", "eval.steps=10",
+        "--set", "algorithm.task_parallel=vmap"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(summary_path.read_text())
+
+    client = MlflowClient(mlflow_store)
+    exp = client.get_experiment_by_name("maml-debug")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["inner.lr"] == "0.01" and run.data.params["algorithm.name"] == "maml"
+    assert run.data.tags["system.workers"] == "1" and run.data.tags["system.device_kinds"] == "cpu"
+    assert run.data.tags["metadist.run_dir"] == summary["run_dir"]
+
+    history = client.get_metric_history(run.info.run_id, "meta_loss")
+    assert [m.step for m in history] == [0, 10, 20, 29]
+    for key in ("loss_before", "loss_after", "tasks_per_s", "time_compute_s", "time_comm_s",
+                "time_driver_s", "worker_restarts"):
+        assert client.get_metric_history(run.info.run_id, key), key
+    final = run.data.metrics
+    assert abs(final["eval_mse_1"] - summary["eval"]["rows"][1]["mean"]) < 1e-9
+    assert "eval_mse_10_ci95" in final
+
+    files = set(_artifacts(client, run.info.run_id))
+    assert {"config.yaml", "eval.json", "metrics.jsonl", "checkpoints/checkpoint.pt", "model/model.pt",
+            "plots/training_curve.png", "plots/adaptation_curve.png", "plots/sine_fits.png"} <= files
+    png = client.download_artifacts(run.info.run_id, "plots/sine_fits.png", str(tmp_path))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
