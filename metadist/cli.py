@@ -36,25 +36,63 @@ def _write_summary(summary: dict, path: Optional[Path]) -> None:
 
 
 @app.command()
-def train(job: Path = typer.Argument(..., help="Job YAML, e.g. jobs/sine/maml.yaml."),
+def train(job: Optional[Path] = typer.Argument(None, help="Job YAML, e.g. jobs/sine/maml.yaml."),
           set_: Optional[List[str]] = SetOpt, summary_json: Optional[Path] = SummaryOpt,
+          resume: Optional[str] = typer.Option(
+              None, "--resume", help="Continue a run from its last checkpoint: checkpoint.pt, its run "
+                                     "folder, or the run's MLflow run id."),
           progress: bool = typer.Option(True, help="Show the progress bar.")):
     """Meta-train a job, evaluate it on the fixed test tasks, and write a checkpoint."""
-    from metadist.runtime.local import Trainer, TrainingDiverged
+    from metadist.runtime.checkpoint import CheckpointError
+    from metadist.runtime.driver import Trainer, resume_trainer
+    from metadist.runtime.errors import ClusterError, TrainingDiverged
 
+    if (job is None) == (resume is None):
+        _fail("give a job file, or --resume with a checkpoint, run folder or MLflow run id (not both)")
+    if resume is not None and set_:
+        _fail("--set cannot change a resumed run: it continues with the config in its checkpoint")
     try:
-        cfg = load_config(job, set_ or [])
-        if cfg.runtime.executor != "local":
-            _fail(f"runtime.executor={cfg.runtime.executor!r} is not available yet; allowed now: 'local'")
-        trainer = Trainer(cfg)
-        err.print(f"run folder: {trainer.run_dir}")
+        if resume is not None:
+            trainer = resume_trainer(resume, console=err)
+            err.print(f"resuming {trainer.run_dir} at step {trainer.step}")
+        else:
+            cfg = load_config(job, set_ or [])
+            trainer = Trainer(cfg, console=err, tracker=_tracker(cfg))
+            err.print(f"run folder: {trainer.run_dir}")
         summary = trainer.fit(progress=progress)
-    except (ConfigError, NotImplementedError, TrainingDiverged) as e:
+    except (ConfigError, CheckpointError, ClusterError, NotImplementedError, TrainingDiverged) as e:
         _fail(str(e))
     _write_summary(summary, summary_json)
     t = summary["throughput"]
     err.print(f"checkpoint: {summary['checkpoint']}   steady-state {t['tasks_per_s']:.0f} tasks/s "
               f"({t['task_parallel']})")
+    if trainer.tracker is not None:
+        err.print(f"MLflow run {trainer.tracker.run_id} in {trainer.tracker.uri}")
+
+
+def _tracker(cfg):
+    if not cfg.tracking.enabled:
+        return None
+    from metadist.tracking import Tracker
+    return Tracker(cfg)
+
+
+@app.command()
+def submit(job: Path = typer.Argument(..., help="Job YAML, e.g. jobs/sine/maml-debug.yaml."),
+           address: str = typer.Option("http://127.0.0.1:8265", help="The cluster's dashboard / job server."),
+           set_: Optional[List[str]] = SetOpt,
+           wait: bool = typer.Option(True, help="Stream the logs and wait for the job to end."),
+           working_dir: Path = typer.Option(Path("."), help="Uploaded as the job's working directory "
+                                                           "(metadist sources and jobs/).")):
+    """Submit a job to a Ray cluster through its job server; exit with the job's status."""
+    from metadist.submit import SubmitError, submit_job
+
+    try:
+        load_config(job, set_ or [])  # a config error is reported here, not minutes later on the cluster
+        code = submit_job(job, address, set_ or [], wait=wait, working_dir=working_dir, console=err)
+    except (ConfigError, SubmitError) as e:
+        _fail(str(e))
+    raise typer.Exit(code)
 
 
 @app.command("eval")
@@ -64,7 +102,7 @@ def eval_(checkpoint: Path = typer.Argument(..., help="checkpoint.pt or its run 
           summary_json: Optional[Path] = SummaryOpt):
     """Evaluate a checkpoint on its config's fixed test tasks."""
     from metadist.runtime.checkpoint import CheckpointError
-    from metadist.runtime.local import evaluate_checkpoint
+    from metadist.runtime.driver import evaluate_checkpoint
 
     if episodes is not None and episodes < 1:
         _fail("--episodes must be at least 1")

@@ -1,0 +1,98 @@
+"""`metadist submit`: run a job on a Ray cluster through Ray's job server (the Jobs API).
+
+The job's entrypoint is `python -m metadist.cli train JOB --no-progress [--set ...]`, run in an uploaded
+copy of the working directory. Inside the job, `runtime.executor: ray` joins the cluster the job runs
+on. MLflow: the job records to the submitter's `MLFLOW_TRACKING_URI` (for a local head, the same
+`mlflow.db` a local run would use), so the run shows up where the user looks.
+
+Token authentication (on by default for Ray's local clusters): where a token is available
+(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and RAY_AUTH_MODE is unset, token mode is
+switched on for this client, the way `ray job submit` needs `RAY_AUTH_MODE=token`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import socket
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from rich.console import Console
+
+from metadist.tracking import tracking_uri
+
+EXCLUDES = [".venv", ".git", "runs", "mlruns", "mlflow.db", "*.pt", "__pycache__", ".pytest_cache", "bench"]
+EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
+
+
+class SubmitError(RuntimeError):
+    """The job server cannot be reached or refused the job."""
+
+
+def _enable_token_auth() -> None:
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or \
+            (Path.home() / ".ray" / "auth_token").is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _check_reachable(address: str) -> None:
+    url = urlparse(address if "://" in address else f"http://{address}")
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 8265)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as err:
+        raise SubmitError(f"--address {address}: nothing answers at {host}:{port} ({err.strerror or err}); "
+                          f"start a head with cluster/start-head.sh, or pass the dashboard address of "
+                          f"your cluster") from None
+
+
+def entrypoint(job: Path, overrides: list[str], working_dir: Path) -> str:
+    """The shell command the cluster runs, with the job path relative to the uploaded directory."""
+    try:
+        rel = Path(job).resolve().relative_to(Path(working_dir).resolve())
+    except ValueError:
+        raise SubmitError(f"{job} is not inside --working-dir {working_dir}: the cluster would not have it") from None
+    args = ["python", "-m", "metadist.cli", "train", rel.as_posix(), "--no-progress"]
+    for o in overrides:
+        args += ["--set", o]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def submit_job(job: Path, address: str, overrides: list[str], *, wait: bool = True,
+               working_dir: Path = Path("."), console: Console | None = None) -> int:
+    """Submit, optionally stream logs until the job ends; return the exit code for its status."""
+    console = console or Console(stderr=True)
+    _check_reachable(address)
+    _enable_token_auth()
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    cmd = entrypoint(job, overrides, working_dir)
+    env = {"MLFLOW_TRACKING_URI": tracking_uri()}
+    try:
+        client = JobSubmissionClient(address)
+        job_id = client.submit_job(entrypoint=cmd, runtime_env={
+            "working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env})
+    except Exception as err:  # the client raises RuntimeError/ConnectionError with the server's reply
+        raise SubmitError(f"the job server at {address} refused the job: {str(err).splitlines()[0][:300]}") from None
+    console.print(f"submitted {job_id} to {address}: {cmd}")
+    if not wait:
+        return 0
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
+    status = client.get_job_status(job_id)
+    while not JobStatus(status).is_terminal():  # the log stream can end a moment before the status
+        time.sleep(0.5)
+        status = client.get_job_status(job_id)
+    console.print(f"job {job_id}: {status}")
+    return EXIT.get(str(status.value if hasattr(status, "value") else status), 1)

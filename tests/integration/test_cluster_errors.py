@@ -1,0 +1,36 @@
+"""A cluster that cannot be reached, or cannot host the workers, is one clear error, quickly."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+from metadist.runtime.driver import Trainer
+from metadist.runtime.errors import ClusterError
+
+
+def _start(cfg):
+    trainer = Trainer(cfg)
+    try:
+        trainer.start()
+    finally:
+        trainer.close()
+
+
+def test_unreachable_address_fails_fast(sine_debug):
+    assert not ray.is_initialized()
+    start = time.monotonic()
+    with pytest.raises(ClusterError, match=r"runtime.address='127.0.0.1:9': nothing answers at 127.0.0.1:9"):
+        _start(sine_debug("runtime.executor=ray", "runtime.address=127.0.0.1:9"))
+    assert time.monotonic() - start < 30
+
+
+def test_gpus_the_cluster_lacks_are_named(sine_debug):
+    assert not ray.is_initialized()
+    cfg = sine_debug("runtime.executor=ray", "runtime.workers=2", "runtime.gpus_per_worker=1",
+                     "runtime.device=auto", "runtime.object_store_mb=100")
+    with pytest.raises(ClusterError, match=r"asks for 2 CPU and 2 GPU; the Ray cluster has \d+ CPU, 0 GPU"):
+        _start(cfg)
+    assert not ray.is_initialized()  # the local Ray it started for the attempt is gone again

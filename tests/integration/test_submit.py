@@ -1,0 +1,52 @@
+"""`metadist submit` against a real Ray head started by cluster/start-head.sh (token auth on)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ..conftest import ROOT
+
+
+@pytest.fixture
+def head(tmp_path):
+    # Short temp dir: Ray's unix socket paths must stay under ~107 characters.
+    state = f"/tmp/md-head-{os.getpid()}"
+    env = {**os.environ, "METADIST_HEAD_DIR": state, "RAY_PORT": "6391", "RAY_DASHBOARD_PORT": "8271",
+           "RAY": str(ROOT / ".venv/bin/ray") if (ROOT / ".venv/bin/ray").exists() else "ray",
+           "RAY_NUM_CPUS": "2", "RAY_OBJECT_STORE_BYTES": str(200 * 1024 * 1024)}
+    start = subprocess.run(["bash", str(ROOT / "cluster/start-head.sh")], env=env, capture_output=True, text=True)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        yield "http://127.0.0.1:8271"
+    finally:
+        stop = subprocess.run(["bash", str(ROOT / "cluster/stop-head.sh")], env=env, capture_output=True, text=True)
+        assert stop.returncode == 0, stop.stderr
+        leftover = subprocess.run(["pgrep", "-f", f"{state}/"], capture_output=True, text=True).stdout.split()
+        assert not leftover, f"processes of the head still running: {leftover}"
+
+
+def test_submit_runs_the_debug_job_on_a_real_head(head, tmp_path, mlflow_store):
+    out = tmp_path / "runs"
+    res = subprocess.run(
+        [sys.executable, "-m", "metadist.cli", "submit", "jobs/sine/maml-debug.yaml", "--address", head,
+         "--set", "runtime.executor=ray", "--set", "runtime.workers=2", "--set", "runtime.cpus_per_worker=0.5",
+         "--set", "train.steps=40", "--set", "eval.episodes=20", "--set", f"train.out_dir={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
+    assert "SUCCEEDED" in res.stderr
+    client = MlflowClient(mlflow_store)
+    (run,) = client.search_runs([client.get_experiment_by_name("maml-debug").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["system.workers"] == "2"
+    assert "eval_mse_1" in run.data.metrics
+
+
+def test_submit_to_nothing_is_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "metadist.cli", "submit", "jobs/sine/maml-debug.yaml",
+                          "--address", "http://127.0.0.1:9"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "nothing answers at 127.0.0.1:9" in res.stderr
+    assert "Traceback" not in res.stderr
