@@ -85,7 +85,7 @@ def submit(job: Path = typer.Argument(..., help="Job YAML, e.g. jobs/sine/maml-d
            working_dir: Path = typer.Option(Path("."), help="Uploaded as the job's working directory "
                                                            "(metadist sources and jobs/).")):
     """Submit a job to a Ray cluster through its job server; exit with the job's status."""
-    from metadist.submit import SubmitError, submit_job
+    from metadist.runtime.submit import SubmitError, submit_job
 
     try:
         load_config(job, set_ or [])  # a config error is reported here, not minutes later on the cluster

@@ -29,8 +29,9 @@ class ConfigError(ValueError):
 
 @dataclass(config=_STRICT)
 class TaskConfig:
-    family: Literal["sinusoid", "fewshot"] = "sinusoid"
-    """Task family: `sinusoid` regression (MAML paper 5.1) or `fewshot` N-way K-shot image episodes."""
+    family: Literal["sinusoid", "fewshot", "noise"] = "sinusoid"
+    """Task family: `sinusoid` regression (MAML paper 5.1), `fewshot` N-way K-shot image episodes, or
+    `noise` (random-pixel episodes of the fewshot shape, nothing to learn: for benchmarks and tests)."""
     ways: Annotated[int, Field(ge=2)] = 5
     """N, the number of classes per episode (fewshot only; at least 2)."""
     shots: PositiveInt = 10
@@ -219,8 +220,8 @@ class Config:
     def __post_init__(self) -> None:
         checks = [
             (self.model.name == "mlp" and self.task.family != "sinusoid",
-             "model.name", "mlp is for sinusoid regression; use conv4 for fewshot"),
-            (self.model.name == "conv4" and self.task.family != "fewshot",
+             "model.name", "mlp is for sinusoid regression; use conv4 for fewshot and noise"),
+            (self.model.name == "conv4" and self.task.family == "sinusoid",
              "model.name", "conv4 is for fewshot classification; use mlp for sinusoid"),
             (self.task.amplitude[0] > self.task.amplitude[1], "task.amplitude", "needs lo <= hi"),
             (self.task.x_range[0] >= self.task.x_range[1], "task.x_range", "needs lo < hi"),

@@ -13,6 +13,7 @@ so a Tune trial or a test can hold several runs without them leaking into each o
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -93,13 +94,11 @@ class Tracker:
         path = trainer.run_dir / "eval_initial.json"
         init_path = trainer.run_dir / "params_initial.pt"
         if path.exists() and init_path.exists():
-            import json
             self.baseline = json.loads(path.read_text())
             self.initial_params = torch.load(init_path, weights_only=True)
             return
         if trainer.step != 0:
             return  # resumed without a baseline: the plots show the meta-trained curve alone
-        import json
         from metadist.evaluation import evaluate
         self.initial_params = {k: v.detach().clone() for k, v in trainer.params.items()}
         torch.save(self.initial_params, init_path)
@@ -179,8 +178,6 @@ class Tracker:
 
 
 def _history(run_dir: Path) -> list[dict]:
-    import json
-
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []

@@ -137,3 +137,15 @@ def test_episode_slice_chunks_and_cat():
     assert_same_tasks(Episode.cat(ep.chunks(2)), ep)
     moved = ep.to(torch.device("cpu"))
     assert_same_tasks(moved, ep)
+
+
+def test_noise_image_episodes_are_a_pure_function_of_seed_step_and_index():
+    from metadist.tasks import NoiseImageTasks
+
+    tasks = NoiseImageTasks(seed=0, ways=3, channels=1, image_size=16)
+    whole = tasks.sample(5, range(4), shots=2, query=3)
+    part = tasks.sample(5, range(2, 4), shots=2, query=3)
+    assert whole.xs.shape == (4, 6, 1, 16, 16) and whole.xq.shape == (4, 9, 1, 16, 16)
+    assert torch.equal(whole.xs[2:], part.xs) and torch.equal(whole.xq[2:], part.xq)
+    assert whole.ys[0].tolist() == [0, 0, 1, 1, 2, 2]
+    assert not torch.equal(tasks.sample(6, range(1), 2, 3).xs[0], whole.xs[0])
