@@ -51,3 +51,42 @@ def test_a_finished_run_is_readable_through_mlflow(tmp_path, mlflow_store):
             "plots/training_curve.png", "plots/adaptation_curve.png", "plots/sine_fits.png"} <= files
     png = client.download_artifacts(run.info.run_id, "plots/sine_fits.png", str(tmp_path))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_by_mlflow_run_id_continues_the_same_run(tmp_path, sine_debug, mlflow_store):
+    import pytest
+    import torch
+
+    from metadist.runtime.driver import Trainer, resume_trainer
+    from metadist.tracking import Tracker
+
+    cfg = sine_debug("train.steps=30", "train.checkpoint_every=10", "eval.episodes=10")
+    whole = Trainer(cfg)
+    whole.fit(progress=False)
+
+    def crash(step):
+        if step == 15:
+            raise KeyboardInterrupt
+
+    crashed = Trainer(cfg, tracker=Tracker(cfg))
+    crashed.on_step = crash
+    with pytest.raises(KeyboardInterrupt):
+        crashed.fit(progress=False)
+    run_id = crashed.tracker.run_id
+    client = MlflowClient(mlflow_store)
+    assert client.get_run(run_id).info.status == "KILLED"
+
+    resumed = resume_trainer(run_id)
+    assert resumed.step == 10 and resumed.tracker.run_id == run_id
+    resumed.fit(progress=False)
+    assert all(torch.equal(resumed.params[k], whole.params[k]) for k in whole.params)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "meta_loss")]
+    assert steps[-1] == 29 and 10 in steps
+
+
+def test_resume_of_something_unknown_is_one_line(tmp_path):
+    res = CliRunner().invoke(app, ["train", "--resume", "not-a-run-or-path"])
+    assert res.exit_code == 2
+    assert "neither a checkpoint, a run folder nor a known MLflow run id" in " ".join(res.output.split())
