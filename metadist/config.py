@@ -125,6 +125,9 @@ class TrainConfig:
     """Outer steps between checkpoints; 0 writes only the final one."""
     out_dir: str = "runs"
     """Directory under which each run gets its own folder."""
+    eval_every: NonNegInt = 0
+    """Outer steps between validation evaluations during training (`eval.val_episodes` fixed tasks of the
+    val split, logged as `val_<metric>`); 0 evaluates only at the end, on `eval.split`."""
     warmup_steps: NonNegInt = 20
     """Leading steps left out of the steady-state throughput figure."""
 
@@ -145,6 +148,8 @@ class EvalConfig:
     """Split the evaluation tasks are drawn from."""
     batch: PositiveInt = 100
     """Tasks adapted together during evaluation (memory bound, not a result)."""
+    val_episodes: PositiveInt = 100
+    """Fixed `val`-split tasks of the evaluations during training (`train.eval_every`)."""
 
 
 @dataclass(config=_STRICT)

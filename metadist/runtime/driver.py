@@ -95,6 +95,8 @@ class Trainer:
                         self.log({**record, **split.means(), "tasks_per_s": timer.rate(),
                                   "worker_restarts": self.worker_restarts})
                         split = StepTimes()
+                    if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                        self.log(self.validate())
                     if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                         self.save()
                     bar.update(task, completed=self.step, loss=self.last_loss)
@@ -209,6 +211,15 @@ class Trainer:
         self.step = state["step"]
         self.restarts_before = state.get("worker_restarts", 0)
 
+    def validate(self) -> dict:
+        """A record of the metric after 0..eval.steps test-time steps on the fixed val-split tasks."""
+        report = evaluate(self.model, self.params, self.cfg, self.tasks,
+                          episodes=self.cfg.eval.val_episodes, split="val")
+        name = report["metric"]
+        record = {"step": self.step - 1, f"val_{name}": report["rows"][-1]["mean"]}
+        record.update({f"val_{name}_{r['steps']}": r["mean"] for r in report["rows"]})
+        return record
+
     def evaluate(self, episodes: int | None = None, steps: int | None = None) -> dict:
         report = evaluate(self.model, self.params, self.cfg, self.tasks, episodes=episodes, steps=steps)
         (self.run_dir / "eval.json").write_text(json.dumps(report, indent=2))
@@ -216,7 +227,9 @@ class Trainer:
         return report
 
     def summary(self, report: dict, timer: "Throughput", checkpoint: Path) -> dict:
-        final = self.history[-1] if self.history else {}
+        final: dict = {}
+        for record in self.history:  # the latest value of every key: training and validation records
+            final.update(record)
         info = self.executor.describe() if self.executor is not None else {}
         modes = sorted({w["task_parallel"] for w in info.get("workers_info", [])})
         return {

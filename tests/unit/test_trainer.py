@@ -96,3 +96,13 @@ def test_checkpoint_write_is_atomic_and_foreign_files_are_refused(tmp_path):
         load_checkpoint(bad)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_validation_on_a_schedule_uses_the_val_split(sine_debug):
+    trainer, summary = _fit(sine_debug("train.eval_every=20", "eval.val_episodes=30"))
+    val = [r for r in trainer.history if "val_mse" in r]
+    assert [r["step"] for r in val] == [19, 39]
+    assert val[-1]["val_mse"] == val[-1]["val_mse_3"] and "val_mse_0" in val[-1]
+    assert summary["metrics"]["val_mse"] == val[-1]["val_mse"] and "loss_after" in summary["metrics"]
+    # The val tasks are not the test tasks the final evaluation uses.
+    assert val[-1]["val_mse_3"] != summary["eval"]["rows"][3]["mean"]
