@@ -10,7 +10,7 @@ each Ray worker actor holds one too (`metadist.runtime.ray_executor`). The maths
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -53,7 +53,6 @@ class StepResult:
     """Inner-loop time: the slowest worker's, measured inside the worker."""
     comm_s: float = 0.0
     """Round trip minus compute: parameter broadcast, result transfer, scheduling."""
-    extra: dict = field(default_factory=dict)
 
 
 class TaskShard:

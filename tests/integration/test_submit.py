@@ -44,6 +44,14 @@ def test_submit_runs_the_debug_job_on_a_real_head(head, tmp_path, mlflow_store):
     assert run.info.status == "FINISHED" and run.data.tags["system.workers"] == "2"
     assert "eval_mse_1" in run.data.metrics
 
+    # A job that fails on the cluster (its inner loop diverges) makes submit fail too.
+    res = subprocess.run(
+        [sys.executable, "-m", "metadist.cli", "submit", "jobs/sine/maml-debug.yaml", "--address", head,
+         "--set", "inner.lr=1e6", "--set", "train.steps=5", "--set", f"train.out_dir={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "FAILED" in res.stderr, res.stderr[-2000:]
+    assert "the meta-gradient is not finite" in res.stdout
+
 
 def test_submit_to_nothing_is_one_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "metadist.cli", "submit", "jobs/sine/maml-debug.yaml",
