@@ -192,7 +192,14 @@ class TrackingConfig:
 @dataclass(config=_STRICT)
 class DataConfig:
     path: Optional[str] = None
-    """Shard directory or URL for fewshot tasks (unused by procedural families such as sinusoid)."""
+    """Dataset directory or fsspec URL with shards and manifest.parquet (fewshot tasks)."""
+    buffer_per_class: PositiveInt = 64
+    """Encoded images kept per class by each worker's streaming sampler (bounds its memory)."""
+    cache: Literal["stream", "decoded"] = "stream"
+    """`stream` shards through bounded buffers, or `decoded`: decode the worker's shards once and sample
+    by index (for datasets that fit in a worker's memory)."""
+    verify: Literal["none", "size", "hash"] = "size"
+    """Check shards against the manifest at start-up: `size` (cheap), `hash` (reads everything) or `none`."""
 
 
 @dataclass(config=_STRICT)

@@ -73,6 +73,7 @@ class Trainer:
         self.restarts_before = 0  # worker restarts of earlier (resumed-from) segments of this run
         self.run_dir = run_dir or new_run_dir(cfg)
         self.executor = None
+        self.resume_data = None  # task stream positions from a checkpoint, applied when the workers start
         self.tracker = tracker
         self.on_step = None  # test hook: called with the step number after each outer step
 
@@ -158,6 +159,8 @@ class Trainer:
         """Start the executor (Ray workers) and the tracker's run, unless already started."""
         if self.executor is None:
             self.executor = make_executor(self.cfg, self.console)
+            if self.resume_data and any(s is not None for s in self.resume_data):
+                self.executor.load_data_state(self.resume_data)
         if self.tracker is not None:
             self.tracker.start(self)
 
@@ -166,6 +169,12 @@ class Trainer:
         if self.executor is not None:
             self.executor.close()
             self.executor = None
+
+    def _data_state(self):
+        # Procedural tasks: the step is the whole cursor. Streams: each worker's position.
+        if self.executor is not None:
+            return self.executor.data_state()
+        return self.resume_data
 
     @property
     def worker_restarts(self) -> int:
@@ -188,7 +197,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "torch_rng": torch.get_rng_state(),
             # Procedural tasks are a pure function of (seed, step, index): the step is their cursor.
-            "data_cursor": {"next_step": self.step},
+            "data_cursor": {"next_step": self.step, "workers": self._data_state()},
             "worker_restarts": self.worker_restarts,
             "mlflow_run_id": getattr(self.tracker, "run_id", None),
         }
@@ -210,6 +219,7 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.step = state["step"]
         self.restarts_before = state.get("worker_restarts", 0)
+        self.resume_data = state.get("data_cursor", {}).get("workers")
 
     def validate(self) -> dict:
         """A record of the metric after 0..eval.steps test-time steps on the fixed val-split tasks."""

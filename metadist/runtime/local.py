@@ -58,7 +58,7 @@ class StepResult:
 class TaskShard:
     """The device, model replica and task source of one process, and the call that computes a shard."""
 
-    def __init__(self, cfg: Config, threads: int | None = None):
+    def __init__(self, cfg: Config, threads: int | None = None, rank: int = 0, world: int = 1):
         threads = cfg.runtime.threads if threads is None else threads
         if threads:
             torch.set_num_threads(threads)
@@ -70,7 +70,7 @@ class TaskShard:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.algorithm = ALGORITHMS[cfg.algorithm.name]
-        self.tasks = build_tasks(cfg)
+        self.tasks = build_tasks(cfg, rank, world)
         self.task_parallel = cfg.algorithm.task_parallel
 
     def compute(self, params: Tensors, step: int, spec: InnerSpec, indices: range) -> tuple[Tensors, Tensors]:
@@ -81,6 +81,14 @@ class TaskShard:
         if self.task_parallel == "auto":
             self.task_parallel = batching.choose_task_parallel(self.algorithm, self.model, params, batch, spec)
         return self.algorithm(self.model, params, batch, spec.with_(task_parallel=self.task_parallel))
+
+    def data_state(self):
+        """The task stream's position (None for procedural tasks, whose position is the step)."""
+        return self.tasks.state() if hasattr(self.tasks, "state") else None
+
+    def load_data_state(self, state) -> None:
+        if state is not None:
+            self.tasks.load_state(state)
 
     def describe(self) -> dict:
         return {"device": self.device.type if self.device.type == "cpu" else torch.cuda.get_device_name(self.device),
@@ -104,6 +112,12 @@ class LocalExecutor:
         start = time.perf_counter()
         grads, sums = self.shard.compute(params, step, spec, range(tasks))
         return StepResult(grads, sums, time.perf_counter() - start)
+
+    def data_state(self) -> list:
+        return [self.shard.data_state()]
+
+    def load_data_state(self, states: list) -> None:
+        self.shard.load_data_state(states[0])
 
     def describe(self) -> dict:
         return {"executor": "local", "workers": 1, "workers_info": [self.shard.describe()]}

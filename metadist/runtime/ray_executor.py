@@ -39,17 +39,21 @@ Tensors = dict[str, torch.Tensor]
 class MetaWorker:
     """A worker actor: holds a TaskShard (device, model replica, task source) and places work on it."""
 
-    def __init__(self, cfg: dict, layout: Layout, rank: int):
+    def __init__(self, cfg: dict, layout: Layout, rank: int, world: int):
         self.rank = rank
         self.layout = layout
-        self.shard = TaskShard(from_dict(cfg))
+        self.shard = TaskShard(from_dict(cfg), rank=rank, world=world)
 
     def compute(self, flat_params: torch.Tensor, step: int, spec: InnerSpec, indices: range):
+        """(flat summed gradients, summed metrics, compute seconds, task stream position after the step)."""
         start = time.perf_counter()
         params = self.layout.unflatten(flat_params)
         grads, sums = self.shard.compute(params, step, spec, indices)
         flat = self.layout.flatten(grads).cpu()  # .cpu() waits for an accelerator's kernels
-        return flat, {k: v.cpu() for k, v in sums.items()}, time.perf_counter() - start
+        return flat, {k: v.cpu() for k, v in sums.items()}, time.perf_counter() - start, self.shard.data_state()
+
+    def load_data_state(self, state) -> None:
+        self.shard.load_data_state(state)
 
     def info(self) -> dict:
         return {"rank": self.rank, "pid": os.getpid(), "node": socket.gethostname(), **self.shard.describe()}
@@ -130,6 +134,7 @@ class RayExecutor:
             self.pg, self.bundle0, self.owns_pg = self._placement()
             self.actors = [self._start(rank) for rank in range(cfg.runtime.workers)]
             self.infos = ray.get([a.info.remote() for a in self.actors])
+            self.data_states = [None] * len(self.actors)
         except BaseException:
             self.close()
             raise
@@ -161,7 +166,7 @@ class RayExecutor:
             # free for the replacement, and the driver knows exactly which step's tasks to recompute.
             max_restarts=0, max_task_retries=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self.bundle0 + rank))
-        return actor_cls.remote(to_dict(self.cfg), self.layout, rank)
+        return actor_cls.remote(to_dict(self.cfg), self.layout, rank, self.cfg.runtime.workers)
 
     def _replace(self, rank: int, err: Exception) -> None:
         self.restarts += 1
@@ -175,6 +180,8 @@ class RayExecutor:
         except Exception:  # already gone; nothing to free
             pass
         self.actors[rank] = self._start(rank)
+        # The replacement continues the dead worker's task stream from where this step began.
+        ray.get(self.actors[rank].load_data_state.remote(self.data_states[rank]))
         self.infos[rank] = ray.get(self.actors[rank].info.remote())
 
     # -- one step -------------------------------------------------------------------------------
@@ -196,7 +203,7 @@ class RayExecutor:
                 pending[self.actors[rank].compute.remote(ref, step, spec, share)] = (rank, share)
         total, sums = None, {}
         for rank in sorted(results):  # a fixed order: same seed and W give bit-identical sums
-            flat, metrics, _ = results[rank]
+            flat, metrics, _, self.data_states[rank] = results[rank]
             total = flat if total is None else total + flat
             for k, v in metrics.items():
                 sums[k] = sums[k] + v if k in sums else v
@@ -205,6 +212,17 @@ class RayExecutor:
         return StepResult(self.layout.unflatten(total), sums, compute_s, max(wall - compute_s, 0.0))
 
     # -- around ---------------------------------------------------------------------------------
+    def data_state(self) -> list:
+        """Each worker's task stream position after the last step (None entries: procedural tasks)."""
+        return list(self.data_states)
+
+    def load_data_state(self, states: list) -> None:
+        if len(states) != len(self.actors):
+            raise ClusterError(f"the checkpoint holds {len(states)} worker streams; this run has "
+                               f"{len(self.actors)} workers")
+        ray.get([a.load_data_state.remote(s) for a, s in zip(self.actors, states)])
+        self.data_states = list(states)
+
     def pids(self) -> list[int]:
         return [i["pid"] for i in self.infos]
 

@@ -7,12 +7,15 @@ from metadist.tasks.sinusoid import SinusoidTasks
 __all__ = ["Episode", "NoiseImageTasks", "SinusoidTasks", "build_tasks"]
 
 
-def build_tasks(cfg):
-    """The task source for `cfg.task.family`."""
+def build_tasks(cfg, rank: int = 0, world: int = 1):
+    """The task source for `cfg.task.family`; `rank` of `world` workers picks a worker's shards."""
     if cfg.task.family == "sinusoid":
         return SinusoidTasks.from_config(cfg)
     if cfg.task.family == "noise":
         return NoiseImageTasks.from_config(cfg)
-    raise NotImplementedError(
-        "task.family=fewshot needs the WebDataset episode reader, which is not built yet; "
-        "use task.family=sinusoid")
+    if not cfg.data.path:
+        from metadist.config import ConfigError
+        raise ConfigError("data.path: task.family=fewshot needs a dataset directory of shards; write one "
+                          "with `metadist data synth OUT` or `metadist data convert`")
+    from metadist.tasks.fewshot import FewShotTasks  # webdataset and pyarrow only when images are used
+    return FewShotTasks.from_config(cfg, rank, world)

@@ -25,8 +25,16 @@ def test_full_job_has_a_debug_sibling_with_the_same_protocol(path):
     debug = path.with_name(f"{path.stem}-debug.yaml")
     assert debug.is_file(), f"{path} needs a small sibling {debug.name}"
     full, small = to_dict(load_config(path)), to_dict(load_config(debug))
-    for section in ("task", "model", "algorithm", "inner", "outer"):
-        assert full[section] == small[section], section
+    if full["task"]["family"] == "sinusoid":
+        for section in ("task", "model", "algorithm", "inner", "outer"):
+            assert full[section] == small[section], section
+    else:
+        # Image jobs shrink images, filters and the inner loop to fit a 2-core CPU; the kind of problem
+        # and the algorithm stay.
+        for key in ("task.family", "task.ways", "task.shots", "model.name", "model.channels", "model.bn",
+                    "algorithm.name", "outer.optimizer"):
+            section, field = key.split(".")
+            assert full[section][field] == small[section][field], key
     assert small["train"]["steps"] <= 1000
 
 

@@ -114,9 +114,11 @@ def test_fixed_evaluation_tasks():
     assert not torch.equal(SinusoidTasks(seed=1).fixed("test", 50, 5, 100).xs, test.xs)
 
 
-def test_fewshot_is_not_built_yet():
+def test_fewshot_without_a_dataset_is_a_config_error():
+    from metadist.config import ConfigError
+
     cfg = from_dict({"task": {"family": "fewshot"}, "model": {"name": "conv4"}})
-    with pytest.raises(NotImplementedError, match="sinusoid"):
+    with pytest.raises(ConfigError, match="data.path"):
         build_tasks(cfg)
 
 
