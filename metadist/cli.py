@@ -160,6 +160,42 @@ def data_synth(out: Path = typer.Argument(..., help="Directory to write the shar
         _fail(str(e))
 
 
+@data_app.command("convert")
+def data_convert(src: Path = typer.Argument(..., help="The files you have (see --format)."),
+                 out: Path = typer.Argument(..., help="Directory to write the shards and manifest into."),
+                 format_: str = typer.Option(..., "--format", help="ravi-csv, pickle-cache, folders or torchmeta-hdf5."),
+                 size: int = typer.Option(84, help="Image side in pixels after resizing."),
+                 filter_: str = typer.Option("bilinear", "--filter", help="Resize filter: nearest, bilinear, bicubic, lanczos, box."),
+                 grayscale: bool = typer.Option(False, help="Store single-channel images."),
+                 on_wrong_size: str = typer.Option("resize", help="Images not size×size: 'resize' or 'error' (skip and count)."),
+                 min_per_class: int = typer.Option(20, help="Report classes with fewer images than this."),
+                 shard_mb: float = typer.Option(256.0, help="Target shard size in MB."),
+                 workers: int = typer.Option(1, help="Encoding processes."),
+                 seed: int = typer.Option(0, help="Seed of the sample order within each split.")):
+    """Convert mini-ImageNet-style files into WebDataset shards with a Parquet manifest."""
+    from rich.progress import Progress
+
+    from metadist.data.convert import ImageOptions, convert
+    from metadist.data.format import DataError
+    from metadist.data.manifest import Manifest
+    from metadist.data.writer import check_counts
+
+    if on_wrong_size not in ("resize", "error"):
+        _fail(f"--on-wrong-size {on_wrong_size!r}: allowed: resize, error")
+    if size < 8 or workers < 1 or shard_mb <= 0:
+        _fail("--size must be at least 8, --workers at least 1, --shard-mb positive")
+    try:
+        with Progress(console=err) as progress:
+            reports = convert(format_, src, out, opts=ImageOptions(size, filter_, grayscale, on_wrong_size),
+                              shard_bytes=shard_mb * 1e6, workers=workers, seed=seed, progress=progress,
+                              log=lambda m: err.print(m, highlight=False))
+        for line in check_counts(reports, min_per_class):
+            err.print(f"[yellow]note:[/] {line}", highlight=False)
+        _print_counts(Manifest(out))
+    except DataError as e:
+        _fail(str(e))
+
+
 @data_app.command("verify")
 def data_verify(path: str = typer.Argument(..., help="Dataset directory or URL."),
                 hash_: bool = typer.Option(True, "--hash/--size-only", help="Check content hashes too.")):
