@@ -24,6 +24,8 @@ $(VENV)/.test: pyproject.toml $(VENV)/.core
 	touch $@
 
 run: $(VENV)/.core
+	@test -f data/synth-debug/manifest.parquet || \
+		$(BIN)/metadist data synth data/synth-debug --per-class 40 --size 32 --shard-mb 0.3 --workers 2
 	$(BIN)/metadist train $(JOB)
 
 test: $(VENV)/.test

@@ -67,7 +67,11 @@ def train(job: Optional[Path] = typer.Argument(None, help="Job YAML, e.g. jobs/s
     err.print(f"checkpoint: {summary['checkpoint']}   steady-state {t['tasks_per_s']:.0f} tasks/s "
               f"({t['task_parallel']})")
     if trainer.tracker is not None:
-        err.print(f"MLflow run {trainer.tracker.run_id} in {trainer.tracker.uri}")
+        uri = trainer.tracker.uri
+        err.print(f"MLflow run {trainer.tracker.run_id} in {uri}")
+        if uri.startswith("sqlite:"):
+            err.print(f"look at it with:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
+                      highlight=False, soft_wrap=True)
 
 
 def _tracker(cfg):
@@ -138,7 +142,7 @@ def data_synth(out: Path = typer.Argument(..., help="Directory to write the shar
                per_class: int = typer.Option(600, help="Images per class."),
                size: int = typer.Option(84, help="Image side in pixels."),
                seed: int = typer.Option(0, help="Seed of the class prototypes and augmentations."),
-               shard_mb: float = typer.Option(256.0, help="Target shard size in MB."),
+               shard_mb: float = typer.Option(64.0, help="Target shard size in MB (at least as many train shards as workers are needed)."),
                workers: int = typer.Option(1, help="Encoding processes.")):
     """Write a synthetic dataset in the mini-ImageNet layout (64 / 16 / 20 learnable classes)."""
     from rich.progress import Progress
@@ -169,7 +173,7 @@ def data_convert(src: Path = typer.Argument(..., help="The files you have (see -
                  grayscale: bool = typer.Option(False, help="Store single-channel images."),
                  on_wrong_size: str = typer.Option("resize", help="Images not size×size: 'resize' or 'error' (skip and count)."),
                  min_per_class: int = typer.Option(20, help="Report classes with fewer images than this."),
-                 shard_mb: float = typer.Option(256.0, help="Target shard size in MB."),
+                 shard_mb: float = typer.Option(64.0, help="Target shard size in MB (at least as many train shards as workers are needed)."),
                  workers: int = typer.Option(1, help="Encoding processes."),
                  seed: int = typer.Option(0, help="Seed of the sample order within each split.")):
     """Convert mini-ImageNet-style files into WebDataset shards with a Parquet manifest."""

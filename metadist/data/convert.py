@@ -184,7 +184,7 @@ READERS = {"ravi-csv": read_ravi_csv, "pickle-cache": read_pickle_cache, "folder
            "torchmeta-hdf5": read_torchmeta_hdf5}
 
 
-def convert(fmt: str, src: Path, out: Path, *, opts: ImageOptions = ImageOptions(), shard_bytes: float = 256e6,
+def convert(fmt: str, src: Path, out: Path, *, opts: ImageOptions = ImageOptions(), shard_bytes: float = 64e6,
             workers: int = 1, seed: int = 0, progress=None, log=print) -> list[SplitReport]:
     """Read `src` in format `fmt`, write shards and the manifest to `out`; returns per-split reports."""
     if fmt not in READERS:

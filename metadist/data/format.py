@@ -33,7 +33,7 @@ def check_members(sample: dict, where: str) -> str:
     images = [e for e in IMAGE_EXTS if e in exts]
     if len(images) != 1 or "cls" not in exts:
         raise DataError(f"{where}: sample {sample.get('__key__')!r} needs one image and a .cls member, "
-                        f"has {sorted(exts)}")
+                        f"has {sorted(exts)}; the shard may be truncated or changed (`metadist data verify`)")
     return images[0]
 
 

@@ -47,7 +47,7 @@ def _encode_one(args):
 
 
 def write_split(out: Path, split: str, items: list[tuple[str, object]], encode: Callable, *, seed: int = 0,
-                shard_bytes: float = 256e6, workers: int = 1, progress: Progress | None = None) -> SplitReport:
+                shard_bytes: float = 64e6, workers: int = 1, progress: Progress | None = None) -> SplitReport:
     """Encode `items` ((class name, source) pairs) and write them as `<split>-NNNNN.tar` shards."""
     report = SplitReport(split)
     classes = sorted({c for c, _ in items})
@@ -59,14 +59,23 @@ def write_split(out: Path, split: str, items: list[tuple[str, object]], encode: 
     task = progress.add_task(f"{split}: encoding", total=len(order)) if progress else None
     pattern = str(out / f"{split}-%05d.tar")
     jobs = ((encode, c, s) for c, s in order)
-    with wds.ShardWriter(pattern, maxsize=shard_bytes, maxcount=10 ** 7, verbose=0) as sink:
+    # ShardWriter's own size limit counts payload bytes only; for small images the tar headers and
+    # padding double that, so the target is kept here, on the bytes the tar file will really hold.
+    written = 0
+    with wds.ShardWriter(pattern, maxsize=float("inf"), maxcount=10 ** 9, verbose=0) as sink:
         pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
         try:
             results = pool.imap(_encode_one, jobs, chunksize=16) if pool else map(_encode_one, jobs)
             for n, (cls, source, data, ext, error) in enumerate(results):
                 if error is None:
-                    sink.write({"__key__": f"{split}_{n:07d}", ext: data, "cls": str(ids[cls]),
-                                "json": json.dumps({"name": cls, "split": split})})
+                    sample = {"__key__": f"{split}_{n:07d}", ext: data, "cls": str(ids[cls]).encode(),
+                              "json": json.dumps({"name": cls, "split": split}).encode()}
+                    size = sum(_tar_bytes(v) for k, v in sample.items() if k != "__key__")
+                    if written and written + size > shard_bytes:
+                        sink.next_stream()
+                        written = 0
+                    sink.write(sample)
+                    written += size
                     report.written[cls] += 1
                 else:
                     report.skipped.append((cls, str(source), error))
@@ -77,6 +86,12 @@ def write_split(out: Path, split: str, items: list[tuple[str, object]], encode: 
                 pool.close()
                 pool.join()
     return report
+
+
+def _tar_bytes(data: bytes) -> int:
+    """Bytes a member takes in webdataset's PAX tar: three 512-byte header blocks (pax header, pax
+    records, ustar header) and the data padded to 512."""
+    return 1536 + -(-len(data) // 512) * 512
 
 
 def index_shards(out: Path, image_size: int, channels: int) -> tuple[Path, Path]:
