@@ -147,3 +147,15 @@ def test_too_few_classes_for_the_ways_is_reported(dataset):
         fixed_episodes(m, "val", 1, ways=6, shots=1, query=2, channels=3, size=20, seed=0)
     with pytest.raises(DataError, match="no 'nope' split"):
         m.rows("nope")
+
+
+def test_shards_read_through_a_file_url(dataset):
+    url = f"file://{dataset}"
+    m = Manifest(url)
+    s = StreamingEpisodes(m, "train", ways=3, channels=3, size=20, seed=0)
+    assert s.urls[0].startswith("file://")
+    assert s.sample(0, range(2), 1, 2).xs.shape == (2, 3, 3, 20, 20)
+    ep = fixed_episodes(m, "test", 2, ways=3, shots=1, query=2, channels=3, size=20, seed=0)
+    assert torch.equal(ep.xs, fixed_episodes(Manifest(dataset), "test", 2, ways=3, shots=1, query=2,
+                                             channels=3, size=20, seed=0).xs)
+    m.verify("size")
