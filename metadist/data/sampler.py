@@ -69,10 +69,7 @@ class StreamingEpisodes:
     def _samples(self, epoch: int):
         order = list(self.urls)
         np.random.default_rng([self.seed, self.rank, epoch]).shuffle(order)
-        pipeline = wds.DataPipeline(wds.SimpleShardList(order), wds.tarfile_to_samples(handler=_named_error))
-        for sample in pipeline:
-            ext = check_members(sample, sample.get("__url__", "shard"))
-            yield decode_cls(sample["cls"]), sample[ext]
+        return _read(order)
 
     def _pull(self, n: int) -> None:
         """Move n samples from the stream into the class buffers (a new epoch starts when it ends)."""
@@ -130,7 +127,7 @@ class StreamingEpisodes:
     def _episode_decoded(self, shots: int, need: int) -> tuple:
         if self._decoded is None:
             per_class: dict[int, list] = {}
-            for cls, data in (s for url in self.urls for s in self._samples_of(url)):
+            for cls, data in _read(self.urls):
                 per_class.setdefault(cls, []).append(self._decode(data))
             self._decoded = {c: np.stack(v) for c, v in per_class.items()}
         eligible = sorted(c for c, v in self._decoded.items() if len(v) >= need)
@@ -140,12 +137,6 @@ class StreamingEpisodes:
         images = [list(self._decoded[int(c)][self.rng.choice(len(self._decoded[int(c)]), need, replace=False)])
                   for c in classes]
         return _episode_from(images, shots)
-
-    def _samples_of(self, url: str):
-        pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=_named_error))
-        for sample in pipeline:
-            ext = check_members(sample, url)
-            yield decode_cls(sample["cls"]), sample[ext]
 
     # -- position -------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -163,6 +154,14 @@ class StreamingEpisodes:
                 self.consumed += 1
                 self.buffers.setdefault(cls, deque(maxlen=self.buffer_per_class)).append(data)
         self.rng.bit_generator.state = state["rng"]
+
+
+def _read(urls: list[str]):
+    """(class id, image bytes) of every sample of the shards, in order; nothing else is decoded."""
+    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=_named_error))
+    for sample in pipeline:
+        ext = check_members(sample, sample.get("__url__", "shard"))
+        yield decode_cls(sample["cls"]), sample[ext]
 
 
 def _named_error(exn: Exception) -> bool:
