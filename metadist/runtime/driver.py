@@ -25,6 +25,7 @@ from metadist.models import build_model
 from metadist.models.conv4 import update_running_stats
 from metadist.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metadist.runtime.errors import TrainingDiverged
+from metadist.runtime.flat import Layout
 from metadist.runtime.local import LocalExecutor, resolve_device
 from metadist.tasks import build_tasks
 
@@ -39,10 +40,10 @@ def new_run_dir(cfg: Config) -> Path:
     return path
 
 
-def make_executor(cfg: Config, console: Console):
+def make_executor(cfg: Config, params: dict, console: Console):
     if cfg.runtime.executor == "ray":
         from metadist.runtime.ray_executor import RayExecutor  # ray is imported only when asked for
-        return RayExecutor(cfg, console=console)
+        return RayExecutor(cfg, Layout.of(params), console=console)
     return LocalExecutor(cfg)
 
 
@@ -158,7 +159,7 @@ class Trainer:
     def start(self) -> None:
         """Start the executor (Ray workers) and the tracker's run, unless already started."""
         if self.executor is None:
-            self.executor = make_executor(self.cfg, self.console)
+            self.executor = make_executor(self.cfg, self.params, self.console)
             if self.resume_data and any(s is not None for s in self.resume_data):
                 self.executor.load_data_state(self.resume_data)
         if self.tracker is not None:

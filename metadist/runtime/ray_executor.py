@@ -117,19 +117,13 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, cfg: Config, console: Console | None = None, layout: Layout | None = None):
-        from metadist.algorithms import init_meta_params
-        from metadist.models import build_model
-
+    def __init__(self, cfg: Config, layout: Layout, console: Console | None = None):
         self.cfg = cfg
         self.console = console or Console(stderr=True)
         self.owns_ray = connect(cfg)
         self.restarts = 0
         self.after_submit = None  # test hook: called with (step, actors) once a step's work is submitted
-        if layout is None:
-            with torch.random.fork_rng(devices=[]):
-                layout = Layout.of(init_meta_params(build_model(cfg), cfg))
-        self.layout = layout
+        self.layout = layout  # the driver's parameter names and shapes, for the flat transport
         try:
             self.pg, self.bundle0, self.owns_pg = self._placement()
             self.actors = [self._start(rank) for rank in range(cfg.runtime.workers)]
