@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import math
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +103,7 @@ def synth_dataset(out: Path, *, per_class: int = 600, size: int = 84, seed: int 
     reports = []
     for split in ("train", "val", "test"):
         its = items(seed, split, per_class, size, (classes or {}).get(split))
-        reports.append(write_split(Path(out), split, its, partial(encode), seed=seed, shard_bytes=shard_bytes,
+        reports.append(write_split(Path(out), split, its, encode, seed=seed, shard_bytes=shard_bytes,
                                    workers=workers, progress=progress))
     index_shards(Path(out), size, 3)
     return reports

@@ -58,10 +58,9 @@ class StepResult:
 class TaskShard:
     """The device, model replica and task source of one process, and the call that computes a shard."""
 
-    def __init__(self, cfg: Config, threads: int | None = None, rank: int = 0, world: int = 1):
-        threads = cfg.runtime.threads if threads is None else threads
-        if threads:
-            torch.set_num_threads(threads)
+    def __init__(self, cfg: Config, rank: int = 0, world: int = 1):
+        if cfg.runtime.threads:
+            torch.set_num_threads(cfg.runtime.threads)
         self.cfg = cfg
         self.device = resolve_device(cfg.runtime.device)
         with torch.random.fork_rng(devices=[]):
@@ -98,15 +97,9 @@ class TaskShard:
 class LocalExecutor:
     """Every task of the meta-batch in this process: the reference executor."""
 
-    name = "local"
-
     def __init__(self, cfg: Config):
         self.shard = TaskShard(cfg)
         self.restarts = 0
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.shard.model
 
     def compute(self, params: Tensors, step: int, spec: InnerSpec, tasks: int) -> StepResult:
         start = time.perf_counter()

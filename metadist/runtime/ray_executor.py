@@ -115,8 +115,6 @@ def _check_resources(cfg: Config) -> None:
 class RayExecutor:
     """`runtime.workers` actors, one device each, and the driver-side reduce."""
 
-    name = "ray"
-
     def __init__(self, cfg: Config, layout: Layout, console: Console | None = None):
         self.cfg = cfg
         self.console = console or Console(stderr=True)
