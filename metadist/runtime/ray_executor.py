@@ -32,6 +32,7 @@ from metadist.config import Config, from_dict, to_dict
 from metadist.runtime.errors import ClusterError
 from metadist.runtime.flat import Layout
 from metadist.runtime.local import StepResult, TaskShard, split_tasks
+from metadist.runtime.net import unreachable
 
 Tensors = dict[str, torch.Tensor]
 
@@ -91,12 +92,11 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
         raise ClusterError(f"runtime.address={address!r}: expected 'auto', 'host:port' or 'ray://host:port'")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as err:
-        raise ClusterError(f"runtime.address={address!r}: nothing answers at {host}:{port} ({err.strerror or err}); "
+    why = unreachable(host, int(port), timeout)
+    if why:
+        raise ClusterError(f"runtime.address={address!r}: nothing answers at {host}:{port} ({why}); "
                            f"start a head with cluster/start-head.sh, or leave runtime.address empty for a "
-                           f"local Ray") from None
+                           f"local Ray")
 
 
 def _check_resources(cfg: Config) -> None:

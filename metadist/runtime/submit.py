@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
-import socket
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from urllib.parse import urlparse
 
 from rich.console import Console
 
+from metadist.runtime.net import unreachable
 from metadist.tracking import tracking_uri
 
 EXCLUDES = [".venv", ".git", "runs", "mlruns", "mlflow.db", "*.pt", "__pycache__", ".pytest_cache", "bench"]
@@ -44,12 +44,11 @@ def _enable_token_auth() -> None:
 def _check_reachable(address: str) -> None:
     url = urlparse(address if "://" in address else f"http://{address}")
     host, port = url.hostname, url.port or (443 if url.scheme == "https" else 8265)
-    try:
-        socket.create_connection((host, port), timeout=5).close()
-    except OSError as err:
-        raise SubmitError(f"--address {address}: nothing answers at {host}:{port} ({err.strerror or err}); "
+    why = unreachable(host, port)
+    if why:
+        raise SubmitError(f"--address {address}: nothing answers at {host}:{port} ({why}); "
                           f"start a head with cluster/start-head.sh, or pass the dashboard address of "
-                          f"your cluster") from None
+                          f"your cluster")
 
 
 def entrypoint(job: Path, overrides: list[str], working_dir: Path) -> str:
