@@ -91,8 +91,9 @@ class Trainer:
                 while self.step < cfg.train.steps:
                     t0 = time.perf_counter()
                     record = self.train_step(split)
-                    split.add_total(time.perf_counter() - t0)
-                    timer.add(cfg.train.meta_batch, time.perf_counter() - t0)
+                    seconds = time.perf_counter() - t0
+                    split.add_total(seconds)
+                    timer.add(cfg.train.meta_batch, seconds)
                     if record is not None:
                         self.log({**record, **split.means(), "tasks_per_s": timer.rate(),
                                   "worker_restarts": self.worker_restarts})
