@@ -1,4 +1,4 @@
-"""The `metadist` command: train, eval and config.
+"""The `metadist` command: train, tune, eval, submit, config and data.
 
 Every user-facing failure (a bad config key, a missing checkpoint, a diverged run) ends as one line on
 stderr and a non-zero exit code, never a traceback.
@@ -79,6 +79,33 @@ def _tracker(cfg):
         return None
     from metadist.tracking import Tracker
     return Tracker(cfg)
+
+
+@app.command()
+def tune(sweep: Optional[Path] = typer.Argument(None, help="Sweep YAML, e.g. jobs/sweeps/sine-debug.yaml."),
+         set_: Optional[List[str]] = typer.Option(
+             None, "--set", help="Override a sweep key (samples=4, scheduler.name=none, "
+                                 "'space.inner.lr={loguniform: [0.01, 0.1]}') or a base-job key (train.steps=500)."),
+         resume: Optional[Path] = typer.Option(None, "--resume", help="Go on with an interrupted sweep: its folder.")):
+    """Sweep a job's config with Ray Tune: every trial a distributed run, MLflow parent and child runs."""
+    if (sweep is None) == (resume is None):
+        _fail("give a sweep file, or --resume with the sweep folder (not both)")
+    if resume is not None and set_:
+        _fail("--set cannot change a resumed sweep: it goes on with the settings it started with")
+    from metadist import tune as sweeps
+    from metadist.runtime.errors import ClusterError
+
+    sweeps.install_sigterm_as_interrupt()
+    try:
+        if resume is not None:
+            sweeps.resume(resume, console=err)
+        else:
+            sweeps.start(sweep, set_ or [], console=err)
+    except (ConfigError, ClusterError) as e:
+        _fail(str(e))
+    except sweeps.SweepInterrupted as e:
+        err.print(f"[yellow]{e}[/]", highlight=False)
+        raise typer.Exit(130)
 
 
 @app.command()

@@ -289,7 +289,8 @@ def _format_validation(err: ValidationError) -> str:
     return "invalid config: " + "; ".join(lines)
 
 
-def _set_path(data: dict, dotted: str, value: Any) -> None:
+def set_path(data: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict, creating the sections on the way."""
     parts = dotted.split(".")
     node = data
     for p in parts[:-1]:
@@ -324,16 +325,22 @@ def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config
     for text in overrides:
         key, value = parse_override(text)
         _check_keys(_nested(key, value), Config)
-        _set_path(data, key, value)
+        set_path(data, key, value)
+    return validate(Config, data, _ADAPTER)
+
+
+def validate(cls: Any, data: dict, adapter: TypeAdapter | None = None) -> Any:
+    """Validate a nested dict into the dataclass tree `cls`, or raise one ConfigError naming the key."""
+    _check_keys(data, cls)
     try:
-        return _ADAPTER.validate_python(data)
+        return (adapter or TypeAdapter(cls)).validate_python(data)
     except ValidationError as err:
         raise ConfigError(_format_validation(err)) from None
 
 
 def _nested(dotted: str, value: Any) -> dict:
     out: dict = {}
-    _set_path(out, dotted, value)
+    set_path(out, dotted, value)
     return out
 
 

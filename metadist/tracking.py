@@ -45,15 +45,33 @@ def _artifact_root(uri: str) -> str | None:
     return None
 
 
+def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    """The id of experiment `name`, created (artifacts beside a local SQLite store) if it is new."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_root(uri))
+    except Exception:
+        # Sweep trials starting at once race to create it: the loser reads the winner's.
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
 class Tracker:
     """One MLflow run for one training run."""
 
-    def __init__(self, cfg, uri: str | None = None, run_id: str | None = None, parent_run_id: str | None = None):
+    def __init__(self, cfg, uri: str | None = None, run_id: str | None = None, parent_run_id: str | None = None,
+                 run_name: str | None = None, tags: dict[str, str] | None = None):
         self.cfg = cfg
         self.uri = tracking_uri(uri or cfg.tracking.uri)
         self.client = MlflowClient(self.uri)
         self.run_id = run_id
-        self.parent_run_id = parent_run_id
+        self.parent_run_id = parent_run_id  # a sweep's run: this run shows nested under it
+        self.run_name = run_name
+        self.extra_tags = dict(tags or {})
         self.baseline: dict | None = None
         self.initial_params: dict | None = None
 
@@ -65,17 +83,15 @@ class Tracker:
             self.client.update_run(self.run_id, status="RUNNING")
             self._log_baseline(trainer)
             return
-        name = cfg.tracking.experiment or cfg.name
-        exp = self.client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(
-            name, artifact_location=_artifact_root(self.uri))
-        tags = {"mlflow.runName": trainer.run_dir.name, "metadist.version": __version__,
+        exp_id = experiment_id(self.client, cfg.tracking.experiment or cfg.name, self.uri)
+        run_name = self.run_name or trainer.run_dir.name
+        tags = {"mlflow.runName": run_name, "metadist.version": __version__,
                 "metadist.run_dir": str(Path(trainer.run_dir).resolve()),
                 "algorithm": cfg.algorithm.name, "task_family": cfg.task.family,
-                "executor": cfg.runtime.executor, "workers": str(cfg.runtime.workers)}
+                "executor": cfg.runtime.executor, "workers": str(cfg.runtime.workers), **self.extra_tags}
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
-        run = self.client.create_run(exp_id, run_name=trainer.run_dir.name, tags=tags)
+        run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         params = [Param(k, str(v)[:MAX_PARAM]) for k, v in flatten(to_dict(cfg)).items()]
         for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
@@ -157,16 +173,21 @@ class Tracker:
             sets["after meta-training"] = trainer.params
             self._figure(plots.sine_fits(trainer.model, sets, self.cfg, trainer.tasks,
                                          n_tasks=self.cfg.tracking.plot_tasks), "plots/sine_fits.png")
+        self.client.set_tag(self.run_id, "metadist.status", "finished")
         self.client.set_terminated(self.run_id, status="FINISHED")
 
-    def fail(self, err: BaseException) -> None:
+    def fail(self, err: BaseException, diverged: bool = False) -> None:
         """Mark the run FAILED (KILLED on Ctrl-C), so the dashboard never shows it as running forever."""
         if self.run_id is None:
             return
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        # Ctrl-C, or a Tune trial stopped early (its thread gets SystemExit): killed, not failed.
+        killed = isinstance(err, (KeyboardInterrupt, SystemExit))
         try:
-            self.client.set_tag(self.run_id, "error", f"{type(err).__name__}: {str(err)[:500]}")
-            self.client.set_terminated(self.run_id, status=status)
+            if not killed:
+                self.client.set_tag(self.run_id, "error", f"{type(err).__name__}: {str(err)[:500]}")
+            if diverged:  # a sweep's table and MLflow filters look for this tag
+                self.client.set_tag(self.run_id, "metadist.status", "diverged")
+            self.client.set_terminated(self.run_id, status="KILLED" if killed else "FAILED")
         except Exception:  # the store itself may be what failed; the original error matters more
             pass
 
@@ -197,3 +218,67 @@ def find_run_dir(run_id: str, uri: str | None = None) -> Path:
     # The folder is gone (another machine): fetch the last checkpoint logged to the run.
     dest = Path(client.download_artifacts(run_id, "checkpoints"))
     return dest
+
+
+class SweepRun:
+    """The parent MLflow run of a sweep: its settings, results table, best job and plots. Each trial's
+    run is a child (tag `mlflow.parentRunId`); `settle_children` gives every child its outcome."""
+
+    def __init__(self, uri: str, experiment: str, run_id: str | None = None):
+        self.uri = uri
+        self.client = MlflowClient(uri)
+        self.experiment_id = experiment_id(self.client, experiment, uri)
+        self.run_id = run_id
+
+    def start(self, run_name: str, sweep: dict, sweep_dir: Path, sweep_file: Path) -> str:
+        tags = {"mlflow.runName": run_name, "metadist.version": __version__, "metadist.kind": "sweep",
+                "metadist.sweep_dir": str(Path(sweep_dir).resolve())}
+        self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+        flat = flatten({k: v for k, v in sweep.items() if k != "space"})
+        flat.update({f"space.{k}": json.dumps(v) for k, v in sweep["space"].items()})
+        params = [Param(k, str(v)[:MAX_PARAM]) for k, v in flat.items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        self.client.log_artifact(self.run_id, str(sweep_file))
+        return self.run_id
+
+    def reopen(self) -> None:
+        self.client.update_run(self.run_id, status="RUNNING")
+
+    def settle_children(self, outcomes: dict[str, str]) -> int:
+        """Tag each trial's child run with its outcome; close the ones a stopped trial left RUNNING.
+        Returns the number of child runs."""
+        children = self.client.search_runs([self.experiment_id],
+                                           filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'")
+        for run in children:
+            kind = outcomes.get(run.data.tags.get("metadist.trial_id", ""), "unfinished")
+            if run.info.run_id not in self._current(children):
+                kind = "superseded"  # a trial retried from scratch started a new child run
+            self.client.set_tag(run.info.run_id, "metadist.status", kind)
+            status = {"finished": "FINISHED", "diverged": "FAILED", "error": "FAILED"}.get(kind, "KILLED")
+            if run.info.status != status and run.info.status != "FINISHED":
+                # A trial stopped or interrupted mid-step may have had no chance to close its run.
+                self.client.set_terminated(run.info.run_id, status=status)
+        return len(children)
+
+    @staticmethod
+    def _current(children) -> set[str]:
+        latest: dict[str, object] = {}
+        for run in children:
+            trial = run.data.tags.get("metadist.trial_id", run.info.run_id)
+            if trial not in latest or run.info.start_time > latest[trial].info.start_time:
+                latest[trial] = run
+        return {r.info.run_id for r in latest.values()}
+
+    def finish(self, metrics: dict[str, float], files: list[Path], figures: dict, status: str) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
+                                                    if isinstance(v, (int, float)) and math.isfinite(v)])
+        for path in files:
+            self.client.log_artifact(self.run_id, str(path))
+        import matplotlib.pyplot as plt
+
+        for name, fig in figures.items():
+            self.client.log_figure(self.run_id, fig, name)
+            plt.close(fig)
+        self.client.set_terminated(self.run_id, status=status)

@@ -77,6 +77,7 @@ class Trainer:
         self.resume_data = None  # task stream positions from a checkpoint, applied when the workers start
         self.tracker = tracker
         self.on_step = None  # test hook: called with the step number after each outer step
+        self.on_validate = None  # called with each validation record (a Tune trial reports it)
 
     # -- the outer loop ---------------------------------------------------------------------------
     def fit(self, progress: bool = True) -> dict:
@@ -98,8 +99,11 @@ class Trainer:
                         self.log({**record, **split.means(), "tasks_per_s": timer.rate(),
                                   "worker_restarts": self.worker_restarts})
                         split = StepTimes()
-                    if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-                        self.log(self.validate())
+                    if self._validation_due():
+                        record = self.validate()
+                        self.log(record)
+                        if self.on_validate is not None:
+                            self.on_validate(record)
                     if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                         self.save()
                     bar.update(task, completed=self.step, loss=self.last_loss)
@@ -109,13 +113,18 @@ class Trainer:
             summary = self.summary(self.evaluate(), timer, checkpoint)
         except BaseException as err:
             if self.tracker is not None:
-                self.tracker.fail(err)
+                self.tracker.fail(err, diverged=isinstance(err, TrainingDiverged))
             raise
         finally:
             self.close()
         if self.tracker is not None:
             self.tracker.finish(self, summary)
         return summary
+
+    def _validation_due(self) -> bool:
+        # The last step is always validated, so a run's final validation metric is its last step's.
+        every = self.cfg.train.eval_every
+        return bool(every) and (self.step % every == 0 or self.step == self.cfg.train.steps)
 
     def train_step(self, times: "StepTimes") -> dict | None:
         """One outer step. Returns the averaged metrics on logging steps, else None."""
@@ -145,9 +154,9 @@ class Trainer:
         """Mean meta-gradient -> outer optimizer step; fold BatchNorm statistics in per_step mode."""
         for name, p in self.params.items():
             p.grad = grads[name].to(self.device) / n
-        if not all(torch.isfinite(p.grad).all() for p in self.params.values()):
+        if not math.isfinite(self.last_loss) or not all(torch.isfinite(p.grad).all() for p in self.params.values()):
             raise TrainingDiverged(
-                f"the meta-gradient is not finite at step {self.step}; the inner loop diverged "
+                f"the meta-loss or meta-gradient is not finite at step {self.step}; the inner loop diverged "
                 f"(inner.lr={self.cfg.inner.lr}, outer.lr={self.cfg.outer.lr}): lower one of them")
         self.optimizer.step()
         if self.scheduler is not None:
@@ -222,6 +231,12 @@ class Trainer:
         self.step = state["step"]
         self.restarts_before = state.get("worker_restarts", 0)
         self.resume_data = state.get("data_cursor", {}).get("workers")
+        # Records a crashed run logged after this checkpoint are recomputed: drop them.
+        log = self.run_dir / "metrics.jsonl"
+        if log.exists():
+            kept = [line for line in log.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] < self.step]
+            log.write_text("".join(line + "\n" for line in kept))
 
     def validate(self) -> dict:
         """A record of the metric after 0..eval.steps test-time steps on the fixed val-split tasks."""
@@ -320,11 +335,6 @@ def resume_trainer(target: str | Path, console: Console | None = None) -> Traine
         tracker = Tracker(cfg, run_id=state.get("mlflow_run_id"))
     trainer = Trainer(cfg, run_dir=run_dir, console=console, tracker=tracker)
     trainer.load_state(state)
-    # Records a crashed run logged after its last checkpoint are recomputed: drop them.
-    log = run_dir / "metrics.jsonl"
-    if log.exists():
-        kept = [line for line in log.read_text().splitlines() if line.strip() and json.loads(line)["step"] < trainer.step]
-        log.write_text("".join(line + "\n" for line in kept))
     return trainer
 
 

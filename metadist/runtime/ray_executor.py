@@ -75,7 +75,7 @@ def connect(cfg: Config) -> bool:
                  object_store_memory=rt.object_store_mb * 1024 * 1024, include_dashboard=False,
                  configure_logging=False, log_to_driver=True)
         return True
-    _check_reachable(address)
+    check_reachable(address)
     try:
         ray.init(address=address, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
@@ -84,7 +84,7 @@ def connect(cfg: Config) -> bool:
     return False
 
 
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
+def check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail fast, instead of ray.init's long retries, when host:port does not answer at all."""
     if address == "auto":
         return

@@ -1,0 +1,123 @@
+"""One Ray Tune trial: a whole metadist run (its driver here, its worker actors in the trial's bundles).
+
+The trial runs `Trainer.fit` with the sampled config. Every validation (`train.eval_every`, set by the
+sweep's `report_every`) writes a checkpoint and reports the validation metrics to Tune with it, so ASHA
+can stop the trial and a failed or interrupted trial resumes from there (`tune.get_checkpoint`). The
+MLflow child run id travels inside the checkpoint, so a resumed trial continues the same child run.
+
+Every report carries `outcome`: `running` on validations, `finished` with the final evaluation, or
+`diverged` when the meta-loss became NaN/inf; the sweep's driver builds its table from these. A
+diverged trial ends normally (Tune marks it TERMINATED), so the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray import tune
+from rich.console import Console
+
+from metadist.runtime.checkpoint import load_checkpoint
+from metadist.runtime.driver import Trainer
+from metadist.runtime.errors import TrainingDiverged
+from metadist.sweep import SweepPlan, short_names
+from metadist.tracking import Tracker
+
+
+@dataclass
+class TrialContext:
+    """What every trial of one sweep shares (passed once through the object store)."""
+
+    plan: SweepPlan
+    sweep_dir: str  # absolute: Tune runs trials in their own working directories
+    tracking_uri: str
+    parent_run_id: str
+
+
+def trial_label(params: dict) -> str:
+    """A short run name from the sampled values: `fomaml lr=0.0123 steps=5`."""
+    names = short_names(list(params))
+    parts = []
+    for key, value in params.items():
+        text = f"{value:.3g}" if isinstance(value, float) else str(value)
+        parts.append(text if key == "algorithm.name" else f"{names[key]}={text}")
+    return " ".join(parts)
+
+
+def run_trial(config: dict, context: TrialContext) -> None:
+    """The Tune function trainable: meta-train one sampled config and report to Tune."""
+    for name in ("ray.train", "ray.tune"):  # "checkpoint created" at every report drowns the sweep's output
+        logging.getLogger(name).setLevel(logging.WARNING)
+    params = config["params"]
+    cfg = context.plan.trial_config(params)
+    trial_id = tune.get_context().get_trial_id()
+    run_dir = Path(context.sweep_dir) / "trials" / trial_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    state = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(Path(folder) / "checkpoint.pt")
+    tracker = Tracker(cfg, uri=context.tracking_uri, parent_run_id=context.parent_run_id,
+                      run_id=state.get("mlflow_run_id") if state else None,
+                      run_name=f"{trial_id} {trial_label(params)}", tags={"metadist.trial_id": trial_id})
+    # Quiet: the sweep's driver prints one line per trial; this run's record is its MLflow child run.
+    trainer = Trainer(cfg, run_dir=run_dir, console=Console(stderr=True, quiet=True), tracker=tracker)
+    if state is not None:
+        trainer.load_state(state)
+    metric = context.plan.metric
+
+    def report(record: dict) -> None:
+        if trainer.step >= cfg.train.steps:
+            return  # the last validation goes out with the final evaluation, in one report
+        path = trainer.save()
+        with tempfile.TemporaryDirectory(prefix="metadist-ckpt-") as folder:
+            _link_or_copy(path, Path(folder) / "checkpoint.pt")
+            tune.report(_finite(_metrics(trainer, record, "running")),
+                        checkpoint=tune.Checkpoint.from_directory(folder))
+
+    trainer.on_validate = report
+    try:
+        summary = trainer.fit(progress=False)
+    except TrainingDiverged as err:
+        # No metric value: a diverged trial has none (searchers and ASHA treat it as missing).
+        tune.report({"steps_done": trainer.step, "outcome": "diverged", "error": str(err)[:300]})
+        return
+    final = _metrics(trainer, trainer.history[-1] if trainer.history else {}, "finished")
+    report_ = summary["eval"]
+    for row in report_["rows"]:
+        final[f"eval_{report_['metric']}_{row['steps']}"] = row["mean"]
+    final[f"eval_{report_['metric']}"] = report_["rows"][-1]["mean"]
+    final["mlflow_run_id"] = tracker.run_id
+    tune.report(_finite(final))
+
+
+def _metrics(trainer: Trainer, record: dict, outcome: str) -> dict:
+    """The latest validation values plus progress: what Tune, ASHA and the table read."""
+    latest: dict = {}
+    for r in trainer.history:  # the last value of every scalar logged so far
+        latest.update({k: v for k, v in r.items() if isinstance(v, (int, float))})
+    latest.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
+    latest.pop("step", None)
+    return {**latest, "steps_done": trainer.step, "meta_loss": trainer.last_loss, "outcome": outcome,
+            "mlflow_run_id": trainer.tracker.run_id if trainer.tracker else None}
+
+
+def _finite(metrics: dict) -> dict:
+    # NaN/inf values are left out: the table reads a missing value as NaN, and Tune's loggers and
+    # searchers handle a missing key better than a NaN.
+    return {k: v for k, v in metrics.items() if not (isinstance(v, float) and not math.isfinite(v))}
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # the checkpoint is written atomically and never modified in place
+    except OSError:
+        shutil.copy2(src, dst)

@@ -1,0 +1,279 @@
+"""`metadist tune`: a Ray Tune sweep in which every trial is a whole distributed metadist run.
+
+- The trainable is a Tune function (`metadist.runtime.trial.run_trial`). Its resources are one
+  placement group per trial: bundle 0 for the trial's driver (`trial_cpus`), bundles 1..W for its worker
+  actors, so a trial starts only when all of its workers fit and trials never wait on each other.
+- Search: Tune's variant generator (random sampling, grid keys crossed) or Optuna; scheduler: ASHA on
+  the validation metric against `steps_done`, or none.
+- MLflow: one parent run per sweep here, one child run per trial (written by the trial's driver).
+- Results: `results.parquet`, `best.yaml` and plots in the sweep folder and on the parent run.
+- Ctrl-C stops the sweep after saving Tune's state; `metadist tune --resume DIR` goes on from there
+  without rerunning finished trials (unfinished ones continue from their last checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from datetime import datetime
+from pathlib import Path
+
+import ray
+import yaml
+from ray import tune
+from ray.tune.search.basic_variant import BasicVariantGenerator
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from metadist import plots, sweep_results
+from metadist.config import ConfigError
+from metadist.runtime.errors import ClusterError
+from metadist.runtime.ray_executor import check_reachable
+from metadist.runtime.trial import TrialContext, run_trial, trial_label
+from metadist.sweep import SweepPlan, load_sweep, plan_sweep
+from metadist.tracking import SweepRun, tracking_uri
+
+STATE = "sweep.json"  # the sweep's own state beside Tune's: plan, MLflow parent run, store
+
+
+class SweepInterrupted(RuntimeError):
+    """The sweep stopped before every trial ended; the message says how to resume it."""
+
+
+# -- Tune pieces --------------------------------------------------------------------------------
+def search_space(plan: SweepPlan) -> dict:
+    """Tune domains for the plan's dimensions (`search: grid` turns choices into grid searches)."""
+    grid_all = plan.sweep["search"] == "grid"
+    space = {}
+    for key, (kind, values) in plan.space.items():
+        if kind == "loguniform":
+            space[key] = tune.loguniform(*values)
+        elif kind == "uniform":
+            space[key] = tune.uniform(*values)
+        elif kind == "grid" or grid_all:
+            space[key] = tune.grid_search(list(values))
+        else:
+            space[key] = tune.choice(list(values))
+    return {"params": space}
+
+
+def search_algorithm(plan: SweepPlan):
+    if plan.sweep["search"] != "optuna":
+        # Random variants (grid keys crossed), seeded: the same sweep file samples the same trials.
+        return BasicVariantGenerator(random_state=plan.job["seed"])
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+        import optuna  # noqa: F401  (OptunaSearch imports it lazily and fails late without it)
+    except ImportError:
+        raise ConfigError("search: optuna needs Optuna installed: pip install 'metadist[optuna]'") from None
+    return OptunaSearch(seed=plan.job["seed"])
+
+
+def scheduler(plan: SweepPlan):
+    if plan.sweep["scheduler"]["name"] == "none":
+        return None
+    return tune.schedulers.ASHAScheduler(
+        time_attr="steps_done", max_t=plan.job["train"]["steps"], grace_period=plan.grace_period,
+        reduction_factor=plan.sweep["scheduler"]["reduction_factor"])
+
+
+def trial_bundles(plan: SweepPlan) -> list[dict]:
+    """Bundle 0: the trial's driver; then one bundle per worker actor (the Ray executor takes them)."""
+    rt = plan.job["runtime"]
+    driver = {"CPU": plan.sweep["trial_cpus"]}
+    if rt["executor"] == "local":
+        if rt["device"] != "cpu" and rt["gpus_per_worker"]:
+            driver["GPU"] = rt["gpus_per_worker"]
+        return [driver]
+    worker = {"CPU": rt["cpus_per_worker"], **({"GPU": rt["gpus_per_worker"]} if rt["gpus_per_worker"] else {})}
+    return [driver] + [dict(worker) for _ in range(rt["workers"])]
+
+
+def trainable(context: TrialContext):
+    return tune.with_resources(tune.with_parameters(run_trial, context=context),
+                               tune.PlacementGroupFactory(trial_bundles(context.plan)))
+
+
+_BAR: dict = {"bar": None, "task": None}  # the driver's progress bar; Tune pickles callbacks, not this
+
+
+class _Progress(tune.Callback):
+    """Advances the progress bar and logs one line per ended trial (Tune's own tables are off)."""
+
+    def __init__(self, metric: str):
+        self.metric = metric
+
+    def _ended(self, trial, how: str) -> None:
+        bar = _BAR["bar"]
+        if bar is None:
+            return
+        last = trial.last_result or {}
+        value = last.get(self.metric)
+        shown = f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else "-"
+        bar.advance(_BAR["task"])
+        bar.console.log(f"trial {trial.trial_id} {how}: {self.metric} {shown} after {last.get('steps_done', 0)} "
+                        f"steps ({trial_label(trial.config['params'])})", highlight=False)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        how = (trial.last_result or {}).get("outcome", "ended")
+        self._ended(trial, "stopped early" if how == "running" else how)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended(trial, "failed")
+
+
+# -- the driver -----------------------------------------------------------------------------------
+def _connect(sweep: dict) -> bool:
+    """Join the configured cluster, the submitting job's, or start a local Ray. True if started here."""
+    if ray.is_initialized():
+        return False
+    address = sweep["address"] or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
+        ray.init(address=address, configure_logging=False)
+        return False
+    # The dashboard stays on: Tune trials that start their own actors hung here without it (STACK.md).
+    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=True, dashboard_host="127.0.0.1",
+             configure_logging=False, object_store_memory=512 * 1024 * 1024)
+    return True
+
+
+def start(path: Path, overrides: list[str], console: Console) -> Path:
+    """Plan a sweep from its file, open its parent run, run it; returns the sweep folder."""
+    sweep = load_sweep(path, overrides)
+    plan = plan_sweep(sweep, path)
+    sweep_dir = (Path(plan.sweep["out_dir"]) / f"{sweep.name}-{datetime.now():%Y%m%d-%H%M%S}").resolve()
+    sweep_dir.mkdir(parents=True, exist_ok=False)
+    (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(plan.sweep, sort_keys=False))
+    uri = tracking_uri(plan.job["tracking"]["uri"])
+    parent = SweepRun(uri, plan.job["tracking"]["experiment"])
+    parent.start(sweep_dir.name, plan.sweep, sweep_dir, sweep_dir / "sweep.yaml")
+    state = {"plan": plan.__dict__, "tracking_uri": uri, "parent_run_id": parent.run_id,
+             "sweep_file": str(Path(path).resolve())}
+    (sweep_dir / STATE).write_text(json.dumps(state, indent=2))
+    console.print(f"sweep folder: {sweep_dir}\nMLflow parent run {parent.run_id} in {uri}", highlight=False)
+    _run(sweep_dir, plan, parent, console, restore=False)
+    return sweep_dir
+
+
+def resume(sweep_dir: Path, console: Console) -> Path:
+    """Go on with an interrupted sweep: finished trials stay as they are."""
+    sweep_dir = Path(sweep_dir).resolve()
+    if not (sweep_dir / STATE).is_file():
+        raise ConfigError(f"--resume {sweep_dir}: not a sweep folder (no {STATE}); give the folder "
+                          f"`metadist tune` printed")
+    state = json.loads((sweep_dir / STATE).read_text())
+    plan = SweepPlan(**state["plan"])
+    plan.space = {k: tuple(v) for k, v in plan.space.items()}
+    parent = SweepRun(state["tracking_uri"], plan.job["tracking"]["experiment"], run_id=state["parent_run_id"])
+    parent.reopen()
+    console.print(f"resuming sweep {sweep_dir.name} (MLflow parent run {parent.run_id})", highlight=False)
+    _run(sweep_dir, plan, parent, console, restore=True)
+    return sweep_dir
+
+
+def _run(sweep_dir: Path, plan: SweepPlan, parent: SweepRun, console: Console, restore: bool) -> None:
+    # Every trial checkpoints at each report; Tune's warning about the resulting state snapshots is noise.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # A diverged trial's last report has no metric value (plan_sweep has checked the metric's name).
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    owns_ray = _connect(plan.sweep)
+    context = TrialContext(plan=plan, sweep_dir=str(sweep_dir), tracking_uri=parent.uri,
+                           parent_run_id=parent.run_id)
+    total = plan.sweep["samples"] * math.prod(len(v) for k, v in plan.space.values()
+                                             if k == "grid" or plan.sweep["search"] == "grid")
+    interrupted = False
+    try:
+        if restore:
+            tuner = tune.Tuner.restore(str(sweep_dir), trainable(context), resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable(context), param_space=search_space(plan),
+                tune_config=tune.TuneConfig(metric=plan.metric, mode=plan.mode, search_alg=search_algorithm(plan),
+                                            scheduler=scheduler(plan), num_samples=plan.sweep["samples"],
+                                            max_concurrent_trials=plan.sweep["concurrent"] or None),
+                run_config=tune.RunConfig(
+                    name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0,
+                    callbacks=[_Progress(plan.metric)],
+                    failure_config=tune.FailureConfig(max_failures=plan.sweep["max_failures"]),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=3)))
+        done = len([t for t in _read_trials(sweep_dir) if t.status in ("TERMINATED", "ERROR")]) if restore else 0
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, refresh_per_second=2) as bar:
+            _BAR.update(bar=bar, task=bar.add_task("trials", total=total, completed=done))
+            try:
+                tuner.fit()
+            finally:
+                _BAR.update(bar=None, task=None)
+        trials = _read_trials(sweep_dir)
+        interrupted = any(t.status not in ("TERMINATED", "ERROR") for t in trials) or len(trials) < total
+        _finish(sweep_dir, plan, parent, trials, console, interrupted)
+    except KeyboardInterrupt:
+        interrupted = True
+        parent.client.set_terminated(parent.run_id, status="KILLED")
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    if interrupted:
+        raise SweepInterrupted(f"the sweep was interrupted; resume it with:  metadist tune --resume {sweep_dir}")
+
+
+def _read_trials(sweep_dir: Path) -> list[sweep_results.TrialRecord]:
+    analysis = tune.ExperimentAnalysis(str(sweep_dir))
+    frames = analysis.trial_dataframes
+    out = []
+    for trial in analysis.trials:
+        frame = frames.get(trial.trial_id)
+        history = frame.to_dict("records") if frame is not None else []
+        error = None
+        if trial.status == "ERROR" and trial.error_file and Path(trial.error_file).exists():
+            lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
+            error = lines[-1][:300] if lines else "failed"
+        out.append(sweep_results.TrialRecord(trial_id=trial.trial_id, status=trial.status,
+                                             params=dict(trial.config.get("params", {})),
+                                             last=dict(trial.last_result or {}), history=history, error=error))
+    return out
+
+
+def _finish(sweep_dir: Path, plan: SweepPlan, parent: SweepRun, trials, console: Console, interrupted: bool) -> None:
+    """The table, Parquet, best job, plots; child runs settled; the parent run closed."""
+    table = sweep_results.rows(trials, plan)
+    name = plan.sweep["name"]
+    sweep_results.print_table(table, plan, console, title=f"{sweep_dir.name}: {plan.metric} ({plan.mode})")
+    files = [sweep_dir / "results.parquet"]
+    sweep_results.write_parquet(table, files[0])
+    best = sweep_results.best(table, plan)
+    if best is not None:
+        (sweep_dir / "best.yaml").write_text(sweep_results.best_job_yaml(plan, best, name))
+        files.append(sweep_dir / "best.yaml")
+        console.print(f"best: trial {best['trial']} {plan.metric} = {best[plan.metric]:.4g} "
+                      f"({trial_label({k: best[k] for k in plan.space})}); job file {sweep_dir / 'best.yaml'}",
+                      highlight=False)
+    outcomes = {r["trial"]: r["outcome"] for r in table}
+    labels = {t.trial_id: f"{t.trial_id.rsplit('_', 1)[-1]} {trial_label(t.params)}" for t in trials}
+    curves = {labels[t.trial_id]: [(int(h.get("steps_done") or 0), float(h[plan.metric])) for h in t.history
+                                   if isinstance(h.get(plan.metric), (int, float))] for t in trials}
+    figures = {"plots/learning_curves.png": plots.sweep_curves(
+        curves, {labels[k]: v for k, v in outcomes.items()}, plan.metric, name, plan.mode)}
+    if "inner.lr" in plan.space or any(k == "loguniform" for k, _ in plan.space.values()):
+        x = "inner.lr" if "inner.lr" in plan.space else next(k for k, (kind, _) in plan.space.items() if kind == "loguniform")
+        figures[f"plots/{plan.metric}_vs_{x}.png"] = plots.sweep_scatter(table, plan.metric, plan.mode, name, x=x)
+    for fname, fig in figures.items():
+        fig.savefig(sweep_dir / Path(fname).name, dpi=110)
+    parent.settle_children(outcomes)
+    counts = {f"trials_{k}": sum(r["outcome"] == k for r in table) for k in sweep_results.ORDER}
+    metrics = {**counts, **({f"best_{plan.metric}": best[plan.metric]} if best else {})}
+    parent.finish(metrics, files, figures, status="KILLED" if interrupted else "FINISHED")
+    console.print(f"results: {files[0]}  ({len(table)} trials: "
+                  f"{', '.join(f'{v} {k[7:]}' for k, v in counts.items() if v)})", highlight=False)
+
+
+def install_sigterm_as_interrupt() -> None:
+    """`kill PID` stops the sweep like Ctrl-C does (Tune saves its state and the sweep can resume)."""
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+
+
+__all__ = ["start", "resume", "SweepInterrupted", "ClusterError"]
