@@ -104,22 +104,28 @@ def tune(sweep: Optional[Path] = typer.Argument(None, help="Sweep YAML, e.g. job
     except (ConfigError, ClusterError) as e:
         _fail(str(e))
     except sweeps.SweepInterrupted as e:
-        err.print(f"[yellow]{e}[/]", highlight=False)
+        err.print(f"[yellow]{e}[/]", highlight=False, soft_wrap=True)  # one line: the command is copied
         raise typer.Exit(130)
 
 
 @app.command()
-def submit(job: Path = typer.Argument(..., help="Job YAML, e.g. jobs/sine/maml-debug.yaml."),
+def submit(job: Path = typer.Argument(..., help="Job or sweep YAML, e.g. jobs/sine/maml-debug.yaml."),
            address: str = typer.Option("http://127.0.0.1:8265", help="The cluster's dashboard / job server."),
            set_: Optional[List[str]] = SetOpt,
            wait: bool = typer.Option(True, help="Stream the logs and wait for the job to end."),
            working_dir: Path = typer.Option(Path("."), help="Uploaded as the job's working directory "
                                                            "(metadist sources and jobs/).")):
-    """Submit a job to a Ray cluster through its job server; exit with the job's status."""
+    """Submit a job (or a sweep) to a Ray cluster through its job server; exit with the job's status."""
     from metadist.runtime.submit import SubmitError, submit_job
 
+    from metadist.sweep import is_sweep_file, load_sweep, plan_sweep
+
     try:
-        load_config(job, set_ or [])  # a config error is reported here, not minutes later on the cluster
+        # A config error is reported here, not minutes later on the cluster.
+        if is_sweep_file(job):
+            plan_sweep(load_sweep(job, set_ or []), job)
+        else:
+            load_config(job, set_ or [])
         code = submit_job(job, address, set_ or [], wait=wait, working_dir=working_dir, console=err)
     except (ConfigError, SubmitError) as e:
         _fail(str(e))

@@ -153,7 +153,8 @@ def start(path: Path, overrides: list[str], console: Console) -> Path:
     state = {"plan": plan.__dict__, "tracking_uri": uri, "parent_run_id": parent.run_id,
              "sweep_file": str(Path(path).resolve())}
     (sweep_dir / STATE).write_text(json.dumps(state, indent=2))
-    console.print(f"sweep folder: {sweep_dir}\nMLflow parent run {parent.run_id} in {uri}", highlight=False)
+    console.print(f"sweep folder: {sweep_dir}\nMLflow parent run {parent.run_id} in {uri}", highlight=False,
+                  soft_wrap=True)
     _run(sweep_dir, plan, parent, console, restore=False)
     return sweep_dir
 
@@ -251,7 +252,7 @@ def _finish(sweep_dir: Path, plan: SweepPlan, parent: SweepRun, trials, console:
         files.append(sweep_dir / "best.yaml")
         console.print(f"best: trial {best['trial']} {plan.metric} = {best[plan.metric]:.4g} "
                       f"({trial_label({k: best[k] for k in plan.space})}); job file {sweep_dir / 'best.yaml'}",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
     outcomes = {r["trial"]: r["outcome"] for r in table}
     labels = {t.trial_id: f"{t.trial_id.rsplit('_', 1)[-1]} {trial_label(t.params)}" for t in trials}
     curves = {labels[t.trial_id]: [(int(h.get("steps_done") or 0), float(h[plan.metric])) for h in t.history
@@ -268,7 +269,7 @@ def _finish(sweep_dir: Path, plan: SweepPlan, parent: SweepRun, trials, console:
     metrics = {**counts, **({f"best_{plan.metric}": best[plan.metric]} if best else {})}
     parent.finish(metrics, files, figures, status="KILLED" if interrupted else "FINISHED")
     console.print(f"results: {files[0]}  ({len(table)} trials: "
-                  f"{', '.join(f'{v} {k[7:]}' for k, v in counts.items() if v)})", highlight=False)
+                  f"{', '.join(f'{v} {k[7:]}' for k, v in counts.items() if v)})", highlight=False, soft_wrap=True)
 
 
 def install_sigterm_as_interrupt() -> None:

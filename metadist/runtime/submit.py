@@ -1,7 +1,7 @@
 """`metadist submit`: run a job on a Ray cluster through Ray's job server (the Jobs API).
 
-The job's entrypoint is `python -m metadist.cli train JOB --no-progress [--set ...]`, run in an uploaded
-copy of the working directory. Inside the job, `runtime.executor: ray` joins the cluster the job runs
+The job's entrypoint is `python -m metadist.cli train JOB --no-progress [--set ...]` (for a sweep file,
+`python -m metadist.cli tune SWEEP [--set ...]`), run in an uploaded copy of the working directory. Inside the job, `runtime.executor: ray` joins the cluster the job runs
 on. MLflow: the job records to the submitter's `MLFLOW_TRACKING_URI` (for a local head, the same
 `mlflow.db` a local run would use), so the run shows up where the user looks.
 
@@ -57,7 +57,12 @@ def entrypoint(job: Path, overrides: list[str], working_dir: Path) -> str:
         rel = Path(job).resolve().relative_to(Path(working_dir).resolve())
     except ValueError:
         raise SubmitError(f"{job} is not inside --working-dir {working_dir}: the cluster would not have it") from None
-    args = ["python", "-m", "metadist.cli", "train", rel.as_posix(), "--no-progress"]
+    from metadist.sweep import is_sweep_file
+
+    if is_sweep_file(job):  # a sweep's driver runs Tune on the cluster; its trials are the cluster's
+        args = ["python", "-m", "metadist.cli", "tune", rel.as_posix()]
+    else:
+        args = ["python", "-m", "metadist.cli", "train", rel.as_posix(), "--no-progress"]
     for o in overrides:
         args += ["--set", o]
     return " ".join(shlex.quote(a) for a in args)

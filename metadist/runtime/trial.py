@@ -6,7 +6,8 @@ can stop the trial and a failed or interrupted trial resumes from there (`tune.g
 MLflow child run id travels inside the checkpoint, so a resumed trial continues the same child run.
 
 Every report carries `outcome`: `running` on validations, `finished` with the final evaluation, or
-`diverged` when the meta-loss became NaN/inf; the sweep's driver builds its table from these. A
+`diverged` when the meta-loss or the validation metric became NaN/inf; the sweep's driver builds its
+table from these. A
 diverged trial ends normally (Tune marks it TERMINATED), so the sweep goes on.
 """
 
@@ -75,6 +76,11 @@ def run_trial(config: dict, context: TrialContext) -> None:
     metric = context.plan.metric
 
     def report(record: dict) -> None:
+        value = record.get(metric)
+        if isinstance(value, float) and not math.isfinite(value):
+            # Every validation task blew up (a huge inner lr, at test time) while the meta-loss stayed finite.
+            raise TrainingDiverged(f"{metric} is not finite at step {trainer.step}: every validation task "
+                                   f"diverged (inner.lr={cfg.inner.lr})")
         if trainer.step >= cfg.train.steps:
             return  # the last validation goes out with the final evaluation, in one report
         path = trainer.save()

@@ -1,0 +1,169 @@
+"""Sweep files, their plan against the base job, Tune's search space, and the results table."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from metadist.config import ConfigError, load_config
+from metadist.sweep import is_sweep_file, load_sweep, plan_sweep, short_names, sweep_from_dict
+from metadist.sweep_results import TrialRecord, best, best_job_yaml, outcome, rows, write_parquet
+
+from ..conftest import ROOT
+
+DEBUG = ROOT / "jobs/sweeps/sine-debug.yaml"
+SWEEPS = sorted((ROOT / "jobs/sweeps").glob("*.yaml"))
+
+
+def _sweep(**extra):
+    return {"base": "jobs/sine/maml-debug.yaml", "space": {"inner.lr": {"loguniform": [0.001, 1.0]}}, **extra}
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_every_sweep_file_plans(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    plan = plan_sweep(load_sweep(path), path)
+    assert plan.metric in ("val_mse", "val_accuracy") and plan.mode in ("min", "max")
+    assert plan.job["train"]["eval_every"] == plan.report_every
+    assert "inner.lr" in plan.space and "inner.steps" in plan.space
+
+
+def test_the_sweeps_the_issue_names_exist():
+    names = {p.stem for p in SWEEPS}
+    assert {"sine", "miniimagenet-5w1s", "sine-debug"} <= names
+    sine = load_sweep(ROOT / "jobs/sweeps/sine.yaml")
+    assert sine.space["inner.lr"].loguniform == (0.001, 1.0)
+    assert sorted(sine.space["inner.steps"].values) == [1, 3, 5, 10]
+    assert sorted(sine.space["algorithm.name"].values) == ["fomaml", "maml"]
+
+
+def test_plan_settles_metric_mode_and_absolute_paths(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    plan = plan_sweep(load_sweep(DEBUG), DEBUG)
+    assert (plan.metric, plan.mode) == ("val_mse", "min")
+    fewshot = plan_sweep(sweep_from_dict(_sweep(base="jobs/miniimagenet/maml-debug.yaml")))
+    assert (fewshot.metric, fewshot.mode) == ("val_accuracy", "max")
+    assert Path(fewshot.job["data"]["path"]).is_absolute()  # trials run in Tune's own directories
+    assert plan_sweep(sweep_from_dict(_sweep(metric="val_mse_1"))).mode == "min"
+    assert plan.trial_config({"inner.lr": 0.5, "inner.steps": 3}).inner.steps == 3
+
+
+@pytest.mark.parametrize("data, message", [
+    (_sweep(sampels=3), "unknown key 'sampels'"),
+    ({"space": {"inner.lr": {"choice": [0.1]}}}, "no 'base'"),
+    (_sweep(space={}), "at least one key"),
+    (_sweep(space={"inner.lr": {"logunifrom": [0.1, 1]}}), "exactly one of loguniform, uniform, choice, grid"),
+    (_sweep(space={"inner.lr": {"loguniform": [1.0, 0.1]}}), "lo < hi"),
+    (_sweep(space={"inner.lr": {"loguniform": [0.0, 0.1]}}), "lo must be positive"),
+    (_sweep(space={"inner.step": {"choice": [1, 2]}}), "'inner.step' is not a config key"),
+    (_sweep(space={"inner.steps": {"choice": [1, 0]}}), "space.inner.steps: value 0 is not a valid inner.steps"),
+    (_sweep(space={"algorithm.name": {"choice": ["maml", "mamal"]}}), "allowed values"),
+    (_sweep(search="grid"), "search: grid needs grid or choice values"),
+    (_sweep(search="optuna", space={"inner.steps": {"grid": [1, 2]}}), "use choice instead of grid"),
+    (_sweep(metric="val_accuracy"), "allowed: auto, val_mse, val_mse_0"),
+    (_sweep(search="bayes"), "search: got 'bayes'; allowed values: 'random', 'grid' or 'optuna'"),
+    (_sweep(scheduler={"name": "asha", "grace_period": 5000}), "not below train.steps"),
+    (_sweep(base="jobs/nope.yaml"), "job file 'jobs/nope.yaml' not found"),
+    (_sweep(overrides=["train.stepz=3"]), "unknown key 'train.stepz'"),
+])
+def test_bad_sweeps_are_one_clear_error(data, message, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError, match=None) as err:
+        plan_sweep(sweep_from_dict(data))
+    assert message in str(err.value)
+
+
+def test_set_routes_sweep_keys_job_keys_and_dimensions(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    sweep = load_sweep(DEBUG, ["samples=3", "scheduler.name=none", "train.steps=120",
+                               "space.inner.lr={grid: [0.01, 1000.0]}"])
+    assert sweep.samples == 3 and sweep.scheduler.name == "none"
+    assert sweep.overrides[-1] == "train.steps=120"
+    assert sweep.space["inner.lr"].grid == [0.01, 1000.0]
+    plan = plan_sweep(sweep, DEBUG)
+    assert plan.job["train"]["steps"] == 120 and plan.space["inner.lr"] == ("grid", [0.01, 1000.0])
+
+
+def test_sweep_files_are_told_from_jobs():
+    assert is_sweep_file(DEBUG)
+    assert not is_sweep_file(ROOT / "jobs/sine/maml-debug.yaml")
+
+
+def test_tune_space_resources_and_schedulers(monkeypatch):
+    from ray import tune
+
+    from metadist.tune import scheduler, search_space, trial_bundles
+
+    monkeypatch.chdir(ROOT)
+    plan = plan_sweep(load_sweep(DEBUG), DEBUG)
+    space = search_space(plan)["params"]
+    assert isinstance(space["inner.lr"], tune.search.sample.Float)
+    assert isinstance(space["inner.steps"], tune.search.sample.Categorical)
+    # Bundle 0 for the trial's driver, then one per worker actor of the run.
+    assert trial_bundles(plan) == [{"CPU": 0.5}, {"CPU": 0.5}]
+    assert scheduler(plan)._max_t == plan.job["train"]["steps"]
+    grid = plan_sweep(load_sweep(DEBUG, ["search=grid", "space.inner.lr={grid: [0.1, 0.2]}", "scheduler.name=none"]))
+    assert all(set(v) == {"grid_search"} for v in search_space(grid)["params"].values())
+    assert scheduler(grid) is None
+    local = plan_sweep(load_sweep(DEBUG, ["runtime.executor=local", "trial_cpus=2"]))
+    assert trial_bundles(local) == [{"CPU": 2.0}]
+
+
+def test_optuna_search_is_built_when_installed(monkeypatch):
+    pytest.importorskip("optuna")
+    from metadist.tune import search_algorithm
+
+    monkeypatch.chdir(ROOT)
+    plan = plan_sweep(load_sweep(DEBUG, ["search=optuna"]))
+    assert type(search_algorithm(plan)).__name__ == "OptunaSearch"
+
+
+def _trial(i, status, outcome_, value=None, steps=300, **params):
+    last = {"steps_done": steps, "outcome": outcome_, "time_total_s": 30.0, "mlflow_run_id": f"run{i}"}
+    history = [{"steps_done": 100, "val_mse": 2.0}]
+    if value is not None:
+        last["val_mse"] = value
+        history.append({"steps_done": steps, "val_mse": value})
+    if outcome_ == "finished":
+        last["eval_mse"] = (value or 1) * 1.1
+    return TrialRecord(f"abc_0000{i}", status, {"inner.lr": 0.01 * (i + 1), "inner.steps": 1, "algorithm.name": "maml", **params}, last, history)
+
+
+def test_outcomes_table_best_and_parquet(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    plan = plan_sweep(load_sweep(DEBUG, ["space.algorithm.name={choice: [maml]}"]), DEBUG)
+    trials = [_trial(0, "TERMINATED", "finished", 0.9), _trial(1, "TERMINATED", "running", 0.5, steps=100),
+              _trial(2, "TERMINATED", "diverged", steps=0), _trial(3, "ERROR", "running", 1.5, steps=100),
+              _trial(4, "RUNNING", "running", 0.4, steps=200), _trial(5, "TERMINATED", "finished", 0.7)]
+    assert [outcome(t) for t in trials] == ["finished", "stopped", "diverged", "error", "unfinished", "finished"]
+    table = rows(trials, plan)
+    assert [r["trial"][-1] for r in table] == ["5", "0", "1", "4", "2", "3"]  # finished first, best first
+    assert math.isnan(next(r for r in table if r["outcome"] == "diverged")["val_mse"])
+    assert table[0]["best_val_mse"] == 0.7 and table[0]["eval_mse"] == pytest.approx(0.77)
+    # The best is chosen among trials that ran to the end, even if a stopped one reported lower.
+    assert best(table, plan)["trial"] == "abc_00005"
+    write_parquet(table, tmp_path / "results.parquet")
+    frame = pq.read_table(tmp_path / "results.parquet").to_pandas()
+    assert len(frame) == 6 and {"trial", "outcome", "inner.lr", "inner.steps", "val_mse", "eval_mse"} <= set(frame)
+
+    job = tmp_path / "best.yaml"
+    job.write_text(best_job_yaml(plan, best(table, plan), "sine-debug"))
+    cfg = load_config(job)
+    assert cfg.name == "sine-debug-best" and cfg.inner.lr == pytest.approx(0.06) and cfg.tracking.uri is None
+    assert "val_mse = 0.7" in job.read_text().splitlines()[0]
+
+
+def test_short_names():
+    assert short_names(["inner.lr", "inner.steps", "algorithm.name"]) == {
+        "inner.lr": "lr", "inner.steps": "steps", "algorithm.name": "algorithm"}
+    assert short_names(["inner.lr", "outer.lr"]) == {"inner.lr": "inner.lr", "outer.lr": "outer.lr"}
+
+
+def test_sweep_files_parse_as_yaml_mappings():
+    for path in SWEEPS:
+        data = yaml.safe_load(path.read_text())
+        assert isinstance(data, dict) and "base" in data, path
