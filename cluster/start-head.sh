@@ -2,7 +2,9 @@
 # Start a local Ray head for `metadist submit`: GCS on 127.0.0.1:${RAY_PORT:-6379}, dashboard and job
 # server on 127.0.0.1:${RAY_DASHBOARD_PORT:-8265}. Token authentication stays on (Ray's default for
 # local clusters): the token lands in ~/.ray/auth_token, where `metadist submit` and `ray job submit`
-# with RAY_AUTH_MODE=token find it.
+# with RAY_AUTH_MODE=token find it. The job agent listens on ${RAY_DASHBOARD_AGENT_PORT:-52365}: a
+# second Ray on the machine (a local `metadist tune` has one) needs a port of its own there, or the head
+# answers "No available agent to submit job".
 #
 # The processes `ray start` leaves behind are recorded in $METADIST_HEAD_DIR/pids, so that
 # cluster/stop-head.sh stops exactly them (and what they spawned), never another Ray on the machine.
@@ -23,6 +25,7 @@ BEFORE="$(ray_pids)"
 "$RAY" start --head \
   --node-ip-address=127.0.0.1 --port="${RAY_PORT:-6379}" \
   --dashboard-host=127.0.0.1 --dashboard-port="${RAY_DASHBOARD_PORT:-8265}" \
+  --dashboard-agent-listen-port="${RAY_DASHBOARD_AGENT_PORT:-52365}" \
   --num-cpus="${RAY_NUM_CPUS:-2}" --object-store-memory="${RAY_OBJECT_STORE_BYTES:-500000000}" \
   --temp-dir="$STATE/ray" --disable-usage-stats
 

@@ -110,7 +110,8 @@ def sweep_scatter(table: list[dict], metric: str, mode: str, name: str, x: str =
     import math
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    levels = sorted({r.get(colour) for r in table if r.get(colour) is not None}, key=str)
+    levels = sorted({r.get(colour) for r in table if r.get(colour) is not None},
+                    key=lambda v: (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)))
     cmap = plt.get_cmap("viridis", max(len(levels), 1))
     markers = {a: m for a, m in zip(sorted({str(r.get(shape)) for r in table}), "osDv<>")}
     ok = [r for r in table if math.isfinite(r[metric]) and r.get(x) is not None]
@@ -159,8 +160,8 @@ def sweep_curves(curves: dict[str, list[tuple[int, float]]], outcomes: dict[str,
                 alpha=0.85, marker=".", label=label if len(drawn) <= 12 else None)
     if every and all(v > 0 for v in every) and mode == "min":
         ax.set_yscale("log")
-    if top is not None:
-        ax.set_ylim(top=top)
+    if top is not None:  # blown-up trials run off the top; the rest keep the scale
+        ax.set_ylim(bottom=min(every) / 1.5, top=top)
     ax.set(xlabel="outer step", ylabel=metric, title=f"{name}: validation curves (dotted: stopped early)")
     if drawn and len(drawn) <= 12:
         ax.legend(fontsize=7)

@@ -27,6 +27,7 @@ from metadist.tracking import tracking_uri
 
 EXCLUDES = [".venv", ".git", "runs", "mlruns", "mlflow.db", "*.pt", "__pycache__", ".pytest_cache", "bench"]
 EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
+AGENT_WAIT_S = 60.0
 
 
 class SubmitError(RuntimeError):
@@ -78,12 +79,20 @@ def submit_job(job: Path, address: str, overrides: list[str], *, wait: bool = Tr
 
     cmd = entrypoint(job, overrides, working_dir)
     env = {"MLFLOW_TRACKING_URI": tracking_uri()}
-    try:
-        client = JobSubmissionClient(address)
-        job_id = client.submit_job(entrypoint=cmd, runtime_env={
-            "working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env})
-    except Exception as err:  # the client raises RuntimeError/ConnectionError with the server's reply
-        raise SubmitError(f"the job server at {address} refused the job: {str(err).splitlines()[0][:300]}") from None
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            client = JobSubmissionClient(address)
+            job_id = client.submit_job(entrypoint=cmd, runtime_env={
+                "working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env})
+            break
+        except Exception as err:  # the client raises RuntimeError/ConnectionError with the server's reply
+            # A head that has just started answers before its job agent is up: that one is worth a wait.
+            if "No available agent" in str(err) and time.monotonic() < deadline:
+                time.sleep(2)
+                continue
+            raise SubmitError(f"the job server at {address} refused the job: "
+                              f"{str(err).splitlines()[0][:300]}") from None
     console.print(f"submitted {job_id} to {address}: {cmd}")
     if not wait:
         return 0

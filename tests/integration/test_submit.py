@@ -12,11 +12,12 @@ from mlflow.tracking import MlflowClient
 from ..conftest import ROOT
 
 
-@pytest.fixture
-def head(tmp_path):
+@pytest.fixture(scope="module")
+def head():
     # Short temp dir: Ray's unix socket paths must stay under ~107 characters.
     state = f"/tmp/md-head-{os.getpid()}"
     env = {**os.environ, "METADIST_HEAD_DIR": state, "RAY_PORT": "6391", "RAY_DASHBOARD_PORT": "8271",
+           "RAY_DASHBOARD_AGENT_PORT": "52391",
            "RAY": str(ROOT / ".venv/bin/ray") if (ROOT / ".venv/bin/ray").exists() else "ray",
            "RAY_NUM_CPUS": "2", "RAY_OBJECT_STORE_BYTES": str(200 * 1024 * 1024)}
     start = subprocess.run(["bash", str(ROOT / "cluster/start-head.sh")], env=env, capture_output=True, text=True)
@@ -51,6 +52,23 @@ def test_submit_runs_the_debug_job_on_a_real_head(head, tmp_path, mlflow_store):
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1 and "FAILED" in res.stderr, res.stderr[-2000:]
     assert "meta-gradient is not finite" in res.stdout
+
+
+def test_submit_runs_a_sweep_on_a_real_head(head, tmp_path, mlflow_store):
+    out = tmp_path / "sweeps"
+    res = subprocess.run(
+        [sys.executable, "-m", "metadist.cli", "submit", "jobs/sweeps/sine-debug.yaml", "--address", head,
+         "--set", "samples=2", "--set", "space.inner.lr={grid: [0.003]}", "--set", "train.steps=100",
+         "--set", "scheduler.name=none", "--set", f"out_dir={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
+    assert "metadist.cli tune jobs/sweeps/sine-debug.yaml" in res.stderr and "SUCCEEDED" in res.stderr
+    client = MlflowClient(mlflow_store)
+    exp = client.get_experiment_by_name("sine-debug").experiment_id
+    (parent,) = client.search_runs([exp], filter_string="tags.`metadist.kind` = 'sweep'")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_finished"] == 2
+    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
 
 
 def test_submit_to_nothing_is_one_line(tmp_path):
