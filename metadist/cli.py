@@ -106,6 +106,8 @@ def tune(sweep: Optional[Path] = typer.Argument(None, help="Sweep YAML, e.g. job
     except sweeps.SweepInterrupted as e:
         err.print(f"[yellow]{e}[/]", highlight=False, soft_wrap=True)  # one line: the command is copied
         raise typer.Exit(130)
+    except KeyboardInterrupt:  # before Tune took over Ctrl-C: nothing ran yet that needs resuming
+        _fail("interrupted while starting the sweep", code=130)
 
 
 @app.command()

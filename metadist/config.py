@@ -344,18 +344,24 @@ def _nested(dotted: str, value: Any) -> dict:
     return out
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a job YAML, apply overrides, validate. The run name defaults to the file's stem."""
+def read_yaml(path: str | Path, what: str = "job file") -> Any:
+    """A YAML file's content, its `name` defaulting to the file's stem; a missing file or bad YAML is
+    one ConfigError."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"job file {str(path)!r} does not exist")
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if isinstance(data, dict):
         data.setdefault("name", path.stem)
-    return from_dict(data, overrides)
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a job YAML, apply overrides, validate. The run name defaults to the file's stem."""
+    return from_dict(read_yaml(path), overrides)
 
 
 def to_dict(cfg: Config) -> dict:

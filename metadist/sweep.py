@@ -9,6 +9,7 @@ This module knows nothing of Ray; `metadist.tune` turns a plan into a Tune exper
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass as plain_dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -18,7 +19,7 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from metadist.config import (_STRICT, Config, ConfigError, NonNegInt, PositiveFloat, PositiveInt, field_docs,
-                             from_dict, parse_override, set_path, to_dict, validate)
+                             from_dict, parse_override, read_yaml, set_path, to_dict, validate)
 
 KINDS = ("loguniform", "uniform", "choice", "grid")
 
@@ -145,17 +146,7 @@ def sweep_from_dict(data: Any, overrides: list[str] | tuple[str, ...] = ()) -> S
 
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
     """Read a sweep file; its name defaults to the file's stem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if isinstance(data, dict):
-        data.setdefault("name", path.stem)
-    sweep = sweep_from_dict(data, overrides)
-    return sweep
+    return sweep_from_dict(read_yaml(path, "sweep file"), overrides)
 
 
 def is_sweep_file(path: str | Path) -> bool:
@@ -247,8 +238,6 @@ def plan_sweep(sweep: SweepConfig, sweep_file: Path | None = None) -> SweepPlan:
 
 def to_dict_sweep(sweep: SweepConfig) -> dict:
     """The sweep as plain YAML-safe types."""
-    import dataclasses
-
     return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(sweep))))
 
 

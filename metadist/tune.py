@@ -23,13 +23,13 @@ from pathlib import Path
 import ray
 import yaml
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from metadist import plots, sweep_results
 from metadist.config import ConfigError
-from metadist.runtime.errors import ClusterError
 from metadist.runtime.ray_executor import check_reachable
 from metadist.runtime.trial import TrialContext, run_trial, trial_label
 from metadist.sweep import SweepPlan, load_sweep, plan_sweep
@@ -178,8 +178,9 @@ def resume(sweep_dir: Path, console: Console) -> Path:
 def _run(sweep_dir: Path, plan: SweepPlan, parent: SweepRun, console: Console, restore: bool) -> None:
     # Every trial checkpoints at each report; Tune's warning about the resulting state snapshots is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # A diverged trial's last report has no metric value (plan_sweep has checked the metric's name).
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # Tune's default loggers include TensorBoard's, which prints a warning for each NaN a diverged trial
+    # reports; the CSV and JSON loggers (the results table reads them) are added back explicitly.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     owns_ray = _connect(plan.sweep)
     context = TrialContext(plan=plan, sweep_dir=str(sweep_dir), tracking_uri=parent.uri,
                            parent_run_id=parent.run_id)
@@ -198,7 +199,7 @@ def _run(sweep_dir: Path, plan: SweepPlan, parent: SweepRun, console: Console, r
                                             max_concurrent_trials=plan.sweep["concurrent"] or None),
                 run_config=tune.RunConfig(
                     name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0,
-                    callbacks=[_Progress(plan.metric)],
+                    callbacks=[_Progress(plan.metric), CSVLoggerCallback(), JsonLoggerCallback()],
                     failure_config=tune.FailureConfig(max_failures=plan.sweep["max_failures"]),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=3)))
         done = len([t for t in _read_trials(sweep_dir) if t.status in ("TERMINATED", "ERROR")]) if restore else 0
@@ -276,5 +277,3 @@ def install_sigterm_as_interrupt() -> None:
     """`kill PID` stops the sweep like Ctrl-C does (Tune saves its state and the sweep can resume)."""
     signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
 
-
-__all__ = ["start", "resume", "SweepInterrupted", "ClusterError"]

@@ -93,8 +93,8 @@ def run_trial(config: dict, context: TrialContext) -> None:
     try:
         summary = trainer.fit(progress=False)
     except TrainingDiverged as err:
-        # No metric value: a diverged trial has none (searchers and ASHA treat it as missing).
-        tune.report({"steps_done": trainer.step, "outcome": "diverged", "error": str(err)[:300]})
+        # NaN: searchers read it as a failed trial (Optuna needs the key in every report), ASHA skips it.
+        tune.report({"steps_done": trainer.step, "outcome": "diverged", metric: math.nan, "error": str(err)[:300]})
         return
     final = _metrics(trainer, trainer.history[-1] if trainer.history else {}, "finished")
     report_ = summary["eval"]
@@ -117,8 +117,8 @@ def _metrics(trainer: Trainer, record: dict, outcome: str) -> dict:
 
 
 def _finite(metrics: dict) -> dict:
-    # NaN/inf values are left out: the table reads a missing value as NaN, and Tune's loggers and
-    # searchers handle a missing key better than a NaN.
+    # NaN/inf values of a running trial (a meta-loss that blew up for a moment) are left out: the
+    # table reads a missing value as NaN, and searchers must not take them for the trial's score.
     return {k: v for k, v in metrics.items() if not (isinstance(v, float) and not math.isfinite(v))}
 
 
