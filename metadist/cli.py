@@ -119,7 +119,6 @@ def submit(job: Path = typer.Argument(..., help="Job or sweep YAML, e.g. jobs/si
                                                            "(metadist sources and jobs/).")):
     """Submit a job (or a sweep) to a Ray cluster through its job server; exit with the job's status."""
     from metadist.runtime.submit import SubmitError, submit_job
-
     from metadist.sweep import is_sweep_file, load_sweep, plan_sweep
 
     try:
