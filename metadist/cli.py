@@ -46,6 +46,7 @@ def train(job: Optional[Path] = typer.Argument(None, help="Job YAML, e.g. jobs/s
     from metadist.runtime.checkpoint import CheckpointError
     from metadist.runtime.driver import Trainer, resume_trainer
     from metadist.runtime.errors import ClusterError, TrainingDiverged
+    from metadist.tracking import TrackingError
 
     if (job is None) == (resume is None):
         _fail("give a job file, or --resume with a checkpoint, run folder or MLflow run id (not both)")
@@ -60,7 +61,7 @@ def train(job: Optional[Path] = typer.Argument(None, help="Job YAML, e.g. jobs/s
             trainer = Trainer(cfg, console=err, tracker=_tracker(cfg))
             err.print(f"run folder: {trainer.run_dir}")
         summary = trainer.fit(progress=progress)
-    except (ConfigError, CheckpointError, ClusterError, NotImplementedError, TrainingDiverged) as e:
+    except (ConfigError, CheckpointError, ClusterError, NotImplementedError, TrainingDiverged, TrackingError) as e:
         _fail(str(e))
     _write_summary(summary, summary_json)
     t = summary["throughput"]
@@ -94,6 +95,7 @@ def tune(sweep: Optional[Path] = typer.Argument(None, help="Sweep YAML, e.g. job
         _fail("--set cannot change a resumed sweep: it goes on with the settings it started with")
     from metadist import tune as sweeps
     from metadist.runtime.errors import ClusterError
+    from metadist.tracking import TrackingError
 
     sweeps.install_sigterm_as_interrupt()
     try:
@@ -101,7 +103,7 @@ def tune(sweep: Optional[Path] = typer.Argument(None, help="Sweep YAML, e.g. job
             sweeps.resume(resume, console=err)
         else:
             sweeps.start(sweep, set_ or [], console=err)
-    except (ConfigError, ClusterError) as e:
+    except (ConfigError, ClusterError, TrackingError) as e:
         _fail(str(e))
     except sweeps.SweepInterrupted as e:
         err.print(f"[yellow]{e}[/]", highlight=False, soft_wrap=True)  # one line: the command is copied

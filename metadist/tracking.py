@@ -45,6 +45,25 @@ def _artifact_root(uri: str) -> str | None:
     return None
 
 
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be used: unreachable, or it refused our credentials."""
+
+
+def check_store(client: MlflowClient, uri: str) -> None:
+    """One cheap request, so a wrong URI or missing credentials is one clear error before training."""
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as err:  # MlflowException, requests' errors: the message is what matters
+        text = str(err)
+        if "401" in text or "Unauthorized" in text or "authenticate" in text.lower():
+            raise TrackingError(f"the MLflow server at {uri} refused the request (401): set MLFLOW_TRACKING_USERNAME "
+                                f"and MLFLOW_TRACKING_PASSWORD to a valid user") from None
+        if "403" in text or "Permission" in text:
+            raise TrackingError(f"the MLflow server at {uri} refused these credentials (403): the user lacks "
+                                f"permission") from None
+        raise TrackingError(f"cannot use the MLflow store {uri}: {text.splitlines()[0][:300] if text else type(err).__name__}") from None
+
+
 def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     """The id of experiment `name`, created (artifacts beside a local SQLite store) if it is new."""
     exp = client.get_experiment_by_name(name)
@@ -83,6 +102,7 @@ class Tracker:
             self.client.update_run(self.run_id, status="RUNNING")
             self._log_baseline(trainer)
             return
+        check_store(self.client, self.uri)
         exp_id = experiment_id(self.client, cfg.tracking.experiment or cfg.name, self.uri)
         run_name = self.run_name or trainer.run_dir.name
         tags = {"mlflow.runName": run_name, "metadist.version": __version__,
@@ -227,6 +247,7 @@ class SweepRun:
     def __init__(self, uri: str, experiment: str, run_id: str | None = None):
         self.uri = uri
         self.client = MlflowClient(uri)
+        check_store(self.client, uri)
         self.experiment_id = experiment_id(self.client, experiment, uri)
         self.run_id = run_id
 
