@@ -12,7 +12,7 @@ import yaml
 
 from ..conftest import ROOT
 
-MANIFESTS = sorted((ROOT / "infra/k8s").rglob("*.yaml"))
+MANIFESTS = sorted([*(ROOT / "infra/k8s").rglob("*.yaml"), *(ROOT / "infra/mlflow/k8s").glob("*.yaml")])
 
 
 def _docs():
@@ -79,3 +79,11 @@ def test_pods_get_mlflow_settings_from_configmap_and_secret():
             for c in _containers(group["template"]):
                 refs = {next(iter(r)): next(iter(r.values()))["name"] for r in c["envFrom"]}
                 assert refs == {"configMapRef": "mlflow-tracking", "secretRef": "mlflow-credentials"}
+
+
+def test_every_secret_key_used_is_in_the_documented_kubectl_command():
+    text = "\n".join(p.read_text() for p in (ROOT / "infra/mlflow/k8s").glob("*.yaml"))
+    used = set(re.findall(r"secretKeyRef: \{name: mlflow-server, key: (\w+)\}", text))
+    created = set(re.findall(r"--from-literal=(\w+)=", (ROOT / "infra/mlflow/k8s/mlflow.yaml").read_text()))
+    assert used and used <= created
+    assert {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"} <= created  # minio.yaml takes them through envFrom
