@@ -101,7 +101,7 @@ class SweepConfig:
             raise ConfigError("space: give at least one key to search, e.g. inner.lr: {loguniform: [0.001, 1.0]}")
 
 
-SWEEP_KEYS = {f for f in SweepConfig.__pydantic_fields__}
+SWEEP_KEYS = set(SweepConfig.__pydantic_fields__)
 
 
 def _check_dimension(key: str, dim: Any) -> None:
@@ -170,12 +170,22 @@ class SweepPlan:
     report_every: int
     grace_period: int
 
+    @property
+    def test_metric(self) -> str:
+        """The final evaluation's key in a trial's last report: `eval_mse` or `eval_accuracy`."""
+        return "eval_" + self.metric.split("_")[1]
+
     def trial_config(self, params: dict[str, Any]) -> Config:
         """The validated config of one trial with sampled values `params` (config key -> value)."""
-        data = yaml.safe_load(yaml.safe_dump(self.job))
-        for key, value in params.items():
-            set_path(data, key, value)
-        return from_dict(data)
+        return config_with(self.job, params)
+
+
+def config_with(job: dict, params: dict[str, Any]) -> Config:
+    """The validated config of job dict `job` with the dotted keys of `params` set."""
+    data = yaml.safe_load(yaml.safe_dump(job))  # a deep copy: `job` is shared
+    for key, value in params.items():
+        set_path(data, key, value)
+    return from_dict(data)
 
 
 def _base_path(base: str, sweep_file: Path | None) -> Path:
@@ -193,6 +203,7 @@ def plan_sweep(sweep: SweepConfig, sweep_file: Path | None = None) -> SweepPlan:
     from metadist.config import load_config
 
     cfg = load_config(_base_path(sweep.base, sweep_file), sweep.overrides)
+    job = to_dict(cfg)
     known = field_docs()
     for key, dim in sweep.space.items():
         if key not in known:
@@ -202,7 +213,7 @@ def plan_sweep(sweep: SweepConfig, sweep_file: Path | None = None) -> SweepPlan:
         probes = dim.values if dim.kind in ("choice", "grid") else list(dim.values)
         for value in probes:
             try:
-                from_dict(to_dict(cfg), [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"])
+                config_with(job, {key: value})
             except ConfigError as err:
                 raise ConfigError(f"space.{key}: value {value!r} is not a valid {key}: {err}") from None
         if sweep.search == "grid" and dim.kind not in ("grid", "choice"):
@@ -211,7 +222,6 @@ def plan_sweep(sweep: SweepConfig, sweep_file: Path | None = None) -> SweepPlan:
         if sweep.search == "optuna" and dim.kind == "grid":
             raise ConfigError(f"space.{key}: search: optuna samples; use choice instead of grid")
 
-    job = to_dict(cfg)
     report_every = sweep.report_every or cfg.train.eval_every or max(1, cfg.train.steps // 10)
     job["train"]["eval_every"] = report_every
     job["tracking"]["enabled"] = True  # a sweep's parent and child runs are its record

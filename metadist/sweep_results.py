@@ -22,7 +22,7 @@ from rich.console import Console
 from rich import box
 from rich.table import Table
 
-from metadist.config import dump_config, to_dict
+from metadist.config import dump_config, from_dict, to_dict
 from metadist.sweep import SweepPlan, short_names
 
 ORDER = {"finished": 0, "stopped": 1, "unfinished": 2, "diverged": 3, "error": 4}
@@ -60,14 +60,12 @@ def _number(value: Any) -> float:
 
 def rows(trials: list[TrialRecord], plan: SweepPlan) -> list[dict]:
     """The results table: sampled values, outcome, progress, validation and test metrics."""
-    metric = plan.metric
-    test_key = "eval_mse" if metric.startswith("val_mse") else "eval_accuracy"
+    metric, test_key = plan.metric, plan.test_metric
     out = []
     for t in trials:
         kind = outcome(t)
-        curve = [_number(h.get(metric)) for h in t.history]
-        finite = [v for v in curve if math.isfinite(v)]
-        best = (min(finite) if plan.mode == "min" else max(finite)) if finite else math.nan
+        finite = [v for v in (_number(h.get(metric)) for h in t.history) if math.isfinite(v)]
+        best = min(finite, key=lambda v: _sort_key(v, plan.mode)) if finite else math.nan
         row = {"trial": t.trial_id, "outcome": kind}
         row.update({k: t.params.get(k) for k in plan.space})
         row.update({
@@ -110,8 +108,6 @@ def best_job_yaml(plan: SweepPlan, row: dict, sweep_name: str) -> str:
     data = to_dict(cfg)
     data["name"] = f"{sweep_name}-best"
     data["tracking"]["uri"] = None  # the sweep's store path is local to where it ran
-    from metadist.config import from_dict
-
     text = dump_config(from_dict(data))
     head = (f"# Best trial of sweep {sweep_name}: {row['trial']}, {plan.metric} = {row[plan.metric]:.6g} "
             f"({plan.mode}) after {row['steps']} steps.\n"
@@ -122,18 +118,14 @@ def best_job_yaml(plan: SweepPlan, row: dict, sweep_name: str) -> str:
 def print_table(table: list[dict], plan: SweepPlan, console: Console, title: str) -> None:
     """Best first, narrow enough for 80 columns: the trial column drops the sweep's common id prefix;
     the best-so-far value and run times are in the Parquet file."""
-    metric = plan.metric
-    test_key = next((k for k in table[0] if k.startswith("eval_")), None) if table else None
+    metric, test_key = plan.metric, plan.test_metric
     names = short_names(list(plan.space))
     t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ["trial", "outcome", *names.values(), "at step", metric, *([test_key] if test_key else [])]:
+    for col in ["trial", "outcome", *names.values(), "at step", metric, test_key]:
         t.add_column(col, justify="left" if col in ("trial", "outcome") else "right")
     for r in table:
-        cells = [r["trial"].rsplit("_", 1)[-1], r["outcome"], *(_fmt(r[k]) for k in plan.space), str(r["steps"]),
-                 _fmt(r[metric])]
-        if test_key:
-            cells.append(_fmt(r[test_key]))
-        t.add_row(*cells)
+        t.add_row(r["trial"].rsplit("_", 1)[-1], r["outcome"], *(_fmt(r[k]) for k in plan.space), str(r["steps"]),
+                  _fmt(r[metric]), _fmt(r[test_key]))
     console.print(t)
 
 

@@ -266,21 +266,20 @@ class SweepRun:
     def reopen(self) -> None:
         self.client.update_run(self.run_id, status="RUNNING")
 
-    def settle_children(self, outcomes: dict[str, str]) -> int:
-        """Tag each trial's child run with its outcome; close the ones a stopped trial left RUNNING.
-        Returns the number of child runs."""
+    def settle_children(self, outcomes: dict[str, str]) -> None:
+        """Tag each trial's child run with its outcome; close the ones a stopped trial left RUNNING."""
         children = self.client.search_runs([self.experiment_id],
                                            filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'")
+        current = self._current(children)
         for run in children:
             kind = outcomes.get(run.data.tags.get("metadist.trial_id", ""), "unfinished")
-            if run.info.run_id not in self._current(children):
+            if run.info.run_id not in current:
                 kind = "superseded"  # a trial retried from scratch started a new child run
             self.client.set_tag(run.info.run_id, "metadist.status", kind)
             status = {"finished": "FINISHED", "diverged": "FAILED", "error": "FAILED"}.get(kind, "KILLED")
             if run.info.status != status and run.info.status != "FINISHED":
                 # A trial stopped or interrupted mid-step may have had no chance to close its run.
                 self.client.set_terminated(run.info.run_id, status=status)
-        return len(children)
 
     @staticmethod
     def _current(children) -> set[str]:

@@ -234,9 +234,10 @@ class Trainer:
         # Records a crashed run logged after this checkpoint are recomputed: drop them.
         log = self.run_dir / "metrics.jsonl"
         if log.exists():
-            kept = [line for line in log.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] < self.step]
-            log.write_text("".join(line + "\n" for line in kept))
+            lines = [line for line in log.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if json.loads(line)["step"] < self.step]
+            if len(kept) < len(lines):  # evaluating a finished run's checkpoint leaves its log alone
+                log.write_text("".join(line + "\n" for line in kept))
 
     def validate(self) -> dict:
         """A record of the metric after 0..eval.steps test-time steps on the fixed val-split tasks."""

@@ -86,7 +86,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
         path = trainer.save()
         with tempfile.TemporaryDirectory(prefix="metadist-ckpt-") as folder:
             _link_or_copy(path, Path(folder) / "checkpoint.pt")
-            tune.report(_finite(_metrics(trainer, record, "running")),
+            tune.report(_finite(_metrics(trainer, "running")),
                         checkpoint=tune.Checkpoint.from_directory(folder))
 
     trainer.on_validate = report
@@ -96,7 +96,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
         # NaN: searchers read it as a failed trial (Optuna needs the key in every report), ASHA skips it.
         tune.report({"steps_done": trainer.step, "outcome": "diverged", metric: math.nan, "error": str(err)[:300]})
         return
-    final = _metrics(trainer, trainer.history[-1] if trainer.history else {}, "finished")
+    final = _metrics(trainer, "finished")
     report_ = summary["eval"]
     for row in report_["rows"]:
         final[f"eval_{report_['metric']}_{row['steps']}"] = row["mean"]
@@ -105,12 +105,11 @@ def run_trial(config: dict, context: TrialContext) -> None:
     tune.report(_finite(final))
 
 
-def _metrics(trainer: Trainer, record: dict, outcome: str) -> dict:
+def _metrics(trainer: Trainer, outcome: str) -> dict:
     """The latest validation values plus progress: what Tune, ASHA and the table read."""
     latest: dict = {}
-    for r in trainer.history:  # the last value of every scalar logged so far
+    for r in trainer.history:  # the last value of every scalar logged so far, the latest validation included
         latest.update({k: v for k, v in r.items() if isinstance(v, (int, float))})
-    latest.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
     latest.pop("step", None)
     return {**latest, "steps_done": trainer.step, "meta_loss": trainer.last_loss, "outcome": outcome,
             "mlflow_run_id": trainer.tracker.run_id if trainer.tracker else None}

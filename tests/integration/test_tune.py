@@ -21,7 +21,7 @@ from ..conftest import ROOT
 SWEEP = "jobs/sweeps/sine-debug.yaml"
 
 
-def _tune(args: list[str], out: Path, timeout: int = 400) -> subprocess.CompletedProcess:
+def _tune(args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "metadist.cli", "tune", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "COLUMNS": "120"})
 
@@ -40,7 +40,7 @@ def test_debug_sweep_with_a_diverging_trial(tmp_path, mlflow_store):
     out = tmp_path / "sweeps"
     # 2 samples x a 3-value grid = 6 trials; inner lr 1000 diverges at the first step.
     res = _tune([SWEEP, "--set", "samples=2", "--set", "space.inner.lr={grid: [0.003, 0.03, 1000.0]}",
-                 "--set", f"out_dir={out}"], out)
+                 "--set", f"out_dir={out}"])
     assert res.returncode == 0, res.stderr[-4000:]
     assert "Traceback" not in res.stderr
     folder = _sweep_dir(out)
@@ -120,7 +120,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, m
     folder = _sweep_dir(out)
     assert f"metadist tune --resume {folder}" in output
 
-    res = _tune(["--resume", str(folder)], out)
+    res = _tune(["--resume", str(folder)])
     assert res.returncode == 0, res.stderr[-4000:]
     table = pq.read_table(folder / "results.parquet").to_pandas()
     assert len(table) == 4 and set(table["outcome"]) == {"finished"}
@@ -138,8 +138,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, m
 
 
 def test_bad_sweep_is_one_line(tmp_path):
-    res = _tune([SWEEP, "--set", "space.inner.steps={choice: [0, 1]}"], tmp_path)
+    res = _tune([SWEEP, "--set", "space.inner.steps={choice: [0, 1]}"])
     assert res.returncode == 2 and "space.inner.steps: value 0 is not a valid inner.steps" in res.stderr
     assert "Traceback" not in res.stderr
-    res = _tune(["--resume", str(tmp_path)], tmp_path)
+    res = _tune(["--resume", str(tmp_path)])
     assert res.returncode == 2 and "not a sweep folder" in res.stderr
