@@ -121,7 +121,7 @@ class _Progress(tune.Callback):
         self._ended(trial, "stopped early" if how == "running" else how)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._ended(trial, "failed")
+        self._ended(trial, f"failed ({_error_line(trial)})")
 
 
 # -- the driver -----------------------------------------------------------------------------------
@@ -132,11 +132,14 @@ def _connect(sweep: dict) -> bool:
     address = sweep["address"] or os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address)
-        ray.init(address=address, configure_logging=False)
+        ray.init(address=address, configure_logging=False, log_to_driver=False)
         return False
     # The dashboard stays on: Tune trials that start their own actors hung here without it (STACK.md).
+    # Trial output is not forwarded (log_to_driver=False here and above): trials print nothing of their
+    # own, and what Ray would forward is the noise of Tune stopping trial threads (SystemExit injected
+    # mid-call); the progress lines, the table and MLflow carry the results, Ray's log files the rest.
     ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=True, dashboard_host="127.0.0.1",
-             configure_logging=False, object_store_memory=512 * 1024 * 1024)
+             configure_logging=False, log_to_driver=False, object_store_memory=512 * 1024 * 1024)
     return True
 
 
@@ -223,6 +226,13 @@ def _run(sweep_dir: Path, plan: SweepPlan, parent: SweepRun, console: Console, r
         raise SweepInterrupted(f"the sweep was interrupted; resume it with:  metadist tune --resume {sweep_dir}")
 
 
+def _error_line(trial) -> str:
+    """The last line of a failed trial's traceback, which Tune keeps in the trial's error file."""
+    path = Path(trial.error_file) if trial.error_file else None
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()] if path and path.exists() else []
+    return lines[-1][:300] if lines else "see the trial's error file"
+
+
 def _read_trials(sweep_dir: Path) -> list[sweep_results.TrialRecord]:
     analysis = tune.ExperimentAnalysis(str(sweep_dir))
     frames = analysis.trial_dataframes
@@ -230,10 +240,7 @@ def _read_trials(sweep_dir: Path) -> list[sweep_results.TrialRecord]:
     for trial in analysis.trials:
         frame = frames.get(trial.trial_id)
         history = frame.to_dict("records") if frame is not None else []
-        error = None
-        if trial.status == "ERROR" and trial.error_file and Path(trial.error_file).exists():
-            lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
-            error = lines[-1][:300] if lines else "failed"
+        error = _error_line(trial) if trial.status == "ERROR" else None
         out.append(sweep_results.TrialRecord(trial_id=trial.trial_id, status=trial.status,
                                              params=dict(trial.config.get("params", {})),
                                              last=dict(trial.last_result or {}), history=history, error=error))
@@ -260,8 +267,9 @@ def _finish(sweep_dir: Path, plan: SweepPlan, parent: SweepRun, trials, console:
                                    if isinstance(h.get(plan.metric), (int, float))] for t in trials}
     figures = {"plots/learning_curves.png": plots.sweep_curves(
         curves, {labels[k]: v for k, v in outcomes.items()}, plan.metric, name, plan.mode)}
-    if "inner.lr" in plan.space or any(k == "loguniform" for k, _ in plan.space.values()):
-        x = "inner.lr" if "inner.lr" in plan.space else next(k for k, (kind, _) in plan.space.items() if kind == "loguniform")
+    x = "inner.lr" if "inner.lr" in plan.space else next(
+        (k for k, (kind, _) in plan.space.items() if kind == "loguniform"), None)
+    if x is not None:
         figures[f"plots/{plan.metric}_vs_{x}.png"] = plots.sweep_scatter(table, plan.metric, plan.mode, name, x=x)
     for fname, fig in figures.items():
         fig.savefig(sweep_dir / Path(fname).name, dpi=110)
