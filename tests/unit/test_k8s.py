@@ -1,12 +1,18 @@
 """Kubernetes manifests (KubeRay and the MLflow server): every document parses and has the fields its
-kind requires; no Secret with data is committed; jobs name files that exist. No offline validator knows
-KubeRay's CRDs, so the fields are checked here."""
+kind requires; no Secret with data is committed; jobs name files that exist; every Secret they use is
+one docs/deploy.md creates.
+
+Schemas: the plain kinds (Deployment, StatefulSet, Service, Job, ConfigMap) validate strictly (no
+unknown field) against the Kubernetes OpenAPI schemas that kubernetes-validate ships, for the oldest
+and newest Kubernetes the docs name. No offline schema knows KubeRay's CRDs, so their Ray fields are
+checked here by hand and their pod templates validate as Kubernetes PodTemplates."""
 
 from __future__ import annotations
 
 import re
 import shlex
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -63,6 +69,71 @@ def test_manifest_has_what_its_kind_requires(path, doc):
         _containers(spec["template"])
     if kind == "Service":
         assert spec["selector"] and spec["ports"]
+
+
+KUBERNETES = ("1.29.0", "1.37.0")  # docs/deploy.md: "Kubernetes 1.29 or later"
+
+
+@pytest.mark.parametrize("version", KUBERNETES)
+@pytest.mark.parametrize("path, doc", [(p, d) for p, d in _docs() if "." not in d["apiVersion"].split("/")[0]
+                                       or d["apiVersion"].startswith("apps/") or d["apiVersion"].startswith("batch/")],
+                         ids=lambda x: str(x) if not isinstance(x, dict) else f"{x['kind']}-{x['metadata']['name']}")
+def test_plain_kinds_validate_against_the_kubernetes_schema(path, doc, version):
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+    except kubernetes_validate.ValidationError as err:
+        pytest.fail(f"{path} {doc['kind']}/{doc['metadata']['name']}: {err.message} at {list(err.path)}")
+
+
+def _pod_templates(doc: dict) -> list[tuple[str, dict]]:
+    spec = doc.get("spec", {})
+    if doc["kind"] == "RayCluster":
+        return [("head", spec["headGroupSpec"]["template"]),
+                *[(g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]]]
+    if doc["kind"] == "RayJob":
+        return [("submitter", spec["submitterPodTemplate"])] if "submitterPodTemplate" in spec else []
+    return []
+
+
+def test_kuberay_pod_templates_validate_as_kubernetes_pod_templates():
+    seen = 0
+    for path, doc in _docs():
+        for name, template in _pod_templates(doc):
+            wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": template}
+            for version in KUBERNETES:
+                try:
+                    kubernetes_validate.validate(wrapped, version, strict=True)
+                except kubernetes_validate.ValidationError as err:
+                    pytest.fail(f"{path} {name} pod template: {err.message} at {list(err.path)}")
+            seen += 1
+    assert seen >= 2  # the head and the GPU group
+
+
+def test_ray_token_authentication_is_on():
+    (cluster,) = [doc for _, doc in _docs() if doc["kind"] == "RayCluster"]
+    assert cluster["spec"]["authOptions"]["mode"] == "token"
+
+
+def test_every_secret_a_manifest_uses_is_created_in_the_walkthrough():
+    used: set[str] = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("secretRef", "secretKeyRef") and isinstance(value, dict):
+                    used.add(value["name"])
+                elif key == "authOptions" and "secretName" in value:
+                    used.add(value["secretName"])
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    for _, doc in _docs():
+        walk(doc)
+    created = set(re.findall(r"create secret generic ([\w-]+)", (ROOT / "docs/deploy.md").read_text()))
+    assert used and used <= created, f"used but never created in docs/deploy.md: {used - created}"
 
 
 def _image_ray_version() -> str:
