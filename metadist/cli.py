@@ -78,8 +78,10 @@ def train(job: Optional[Path] = typer.Argument(None, help="Job YAML, e.g. jobs/s
 def _tracker(cfg):
     if not cfg.tracking.enabled:
         return None
-    from metadist.tracking import Tracker
-    return Tracker(cfg)
+    from metadist.tracking import Tracker, check_store
+    tracker = Tracker(cfg)
+    check_store(tracker.client, tracker.uri)  # before a run folder is made or a worker started
+    return tracker
 
 
 @app.command()
@@ -118,7 +120,10 @@ def submit(job: Path = typer.Argument(..., help="Job or sweep YAML, e.g. jobs/si
            set_: Optional[List[str]] = SetOpt,
            wait: bool = typer.Option(True, help="Stream the logs and wait for the job to end."),
            working_dir: Path = typer.Option(Path("."), help="Uploaded as the job's working directory "
-                                                           "(metadist sources and jobs/).")):
+                                                           "(metadist sources and jobs/)."),
+           tracking_uri: Optional[str] = typer.Option(
+               None, help="MLflow store the job records to, over the cluster's own MLFLOW_TRACKING_URI. "
+                          "Default: the cluster's, else this machine's.")):
     """Submit a job (or a sweep) to a Ray cluster through its job server; exit with the job's status."""
     from metadist.runtime.submit import SubmitError, submit_job
     from metadist.sweep import is_sweep_file, load_sweep, plan_sweep
@@ -129,7 +134,8 @@ def submit(job: Path = typer.Argument(..., help="Job or sweep YAML, e.g. jobs/si
             plan_sweep(load_sweep(job, set_ or []), job)
         else:
             load_config(job, set_ or [])
-        code = submit_job(job, address, set_ or [], wait=wait, working_dir=working_dir, console=err)
+        code = submit_job(job, address, set_ or [], wait=wait, working_dir=working_dir, console=err,
+                          forced_tracking_uri=tracking_uri)
     except (ConfigError, SubmitError) as e:
         _fail(str(e))
     raise typer.Exit(code)

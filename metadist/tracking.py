@@ -1,7 +1,8 @@
 """MLflow recording of a run. Only the driver process uses this module.
 
-The store is `tracking.uri`, else $MLFLOW_TRACKING_URI, else a SQLite file `mlflow.db` in the working
-directory, with artifacts in `mlruns/` beside it; no server is needed. A run records:
+The store is `tracking.uri`, else $MLFLOW_TRACKING_URI, else the store of the person who submitted the
+job ($METADIST_SUBMITTER_TRACKING_URI, set by `metadist submit`), else a SQLite file `mlflow.db` in the
+working directory, with artifacts in `mlruns/` beside it; no server is needed. A run records:
 - params: the flattened resolved config; tags: Ray version, worker count, device kinds, the run folder;
 - metrics on every logging step: meta-loss, query loss and accuracy before and after adaptation,
   tasks/s, step time split into compute / communication / driver, worker restarts; final evaluation;
@@ -18,6 +19,7 @@ import math
 import os
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from mlflow.entities import Metric, Param, RunTag
@@ -25,13 +27,20 @@ from mlflow.tracking import MlflowClient
 
 from metadist import __version__
 from metadist.config import flatten, to_dict
+from metadist.runtime.net import unreachable
 
 MAX_PARAM = 6000  # MLflow's limit on a param value's length
 
 
+SUBMITTER_URI = "METADIST_SUBMITTER_TRACKING_URI"
+
+
 def tracking_uri(configured: str | None = None) -> str:
-    """The store to record to: the config's, else $MLFLOW_TRACKING_URI, else ./mlflow.db (absolute)."""
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    """The store to record to: the config's, else $MLFLOW_TRACKING_URI, else the submitter's, else
+    ./mlflow.db (absolute)."""
+    # A cluster's own MLFLOW_TRACKING_URI (a KubeRay pod's ConfigMap) wins over the submitter's, which
+    # may be a laptop's port-forward or SQLite file that the cluster cannot reach.
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or os.environ.get(SUBMITTER_URI)
     if uri:
         return uri
     # Absolute, because Tune trials and Ray jobs change directory.
@@ -51,6 +60,13 @@ class TrackingError(RuntimeError):
 
 def check_store(client: MlflowClient, uri: str) -> None:
     """One cheap request, so a wrong URI or missing credentials is one clear error before training."""
+    url = urlparse(uri)
+    if url.scheme in ("http", "https") and url.hostname:
+        # MLflow retries a dead server for minutes before it says so; a TCP probe answers at once.
+        why = unreachable(url.hostname, url.port or (443 if url.scheme == "https" else 80))
+        if why:
+            raise TrackingError(f"nothing answers at the MLflow server {uri} ({why}): start it, or check "
+                                f"MLFLOW_TRACKING_URI / tracking.uri")
     try:
         client.search_experiments(max_results=1)
     except Exception as err:  # MlflowException, requests' errors: the message is what matters

@@ -2,8 +2,13 @@
 
 The job's entrypoint is `python -m metadist.cli train JOB --no-progress [--set ...]` (for a sweep file,
 `python -m metadist.cli tune SWEEP [--set ...]`), run in an uploaded copy of the working directory. Inside the job, `runtime.executor: ray` joins the cluster the job runs
-on. MLflow: the job records to the submitter's `MLFLOW_TRACKING_URI` (for a local head, the same
-`mlflow.db` a local run would use), so the run shows up where the user looks.
+on.
+
+MLflow: a cluster that sets its own MLFLOW_TRACKING_URI on its nodes (a KubeRay pod's ConfigMap) keeps
+it: the submitter's store may be a laptop's port-forward or SQLite file the cluster cannot reach. A
+cluster without one (a local head) records to the submitter's store, passed as
+METADIST_SUBMITTER_TRACKING_URI, so the run shows up where the user looks. `--tracking-uri` overrides
+both. Credentials never travel with the job: the cluster's nodes hold their own.
 
 Token authentication (on by default for Ray's local clusters): where a token is available
 (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and RAY_AUTH_MODE is unset, token mode is
@@ -23,7 +28,7 @@ from urllib.parse import urlparse
 from rich.console import Console
 
 from metadist.runtime.net import unreachable
-from metadist.tracking import tracking_uri
+from metadist.tracking import SUBMITTER_URI, tracking_uri
 
 EXCLUDES = [".venv", ".git", "runs", "mlruns", "mlflow.db", "*.pt", "__pycache__", ".pytest_cache", "bench"]
 EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
@@ -69,8 +74,16 @@ def entrypoint(job: Path, overrides: list[str], working_dir: Path) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
+def job_env(forced_tracking_uri: str | None = None) -> dict[str, str]:
+    """The environment variables the job gets: which MLflow store it records to (see the module doc)."""
+    if forced_tracking_uri:
+        return {"MLFLOW_TRACKING_URI": forced_tracking_uri}
+    return {SUBMITTER_URI: tracking_uri()}
+
+
 def submit_job(job: Path, address: str, overrides: list[str], *, wait: bool = True,
-               working_dir: Path = Path("."), console: Console | None = None) -> int:
+               working_dir: Path = Path("."), console: Console | None = None,
+               forced_tracking_uri: str | None = None) -> int:
     """Submit, optionally stream logs until the job ends; return the exit code for its status."""
     console = console or Console(stderr=True)
     _check_reachable(address)
@@ -78,7 +91,7 @@ def submit_job(job: Path, address: str, overrides: list[str], *, wait: bool = Tr
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     cmd = entrypoint(job, overrides, working_dir)
-    env = {"MLFLOW_TRACKING_URI": tracking_uri()}
+    env = job_env(forced_tracking_uri)
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
@@ -94,6 +107,8 @@ def submit_job(job: Path, address: str, overrides: list[str], *, wait: bool = Tr
             raise SubmitError(f"the job server at {address} refused the job: "
                               f"{str(err).splitlines()[0][:300]}") from None
     console.print(f"submitted {job_id} to {address}: {cmd}")
+    where = forced_tracking_uri or f"the cluster's MLFLOW_TRACKING_URI if its nodes set one, else {env[SUBMITTER_URI]}"
+    console.print(f"MLflow: {where}", soft_wrap=True, highlight=False)  # a URI is copied whole, not wrapped
     if not wait:
         return 0
 

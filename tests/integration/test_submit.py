@@ -13,10 +13,17 @@ from ..conftest import ROOT
 
 
 @pytest.fixture(scope="module")
-def head():
+def cluster_store(tmp_path_factory):
+    """The MLflow store the head's own environment names, as a KubeRay ConfigMap would."""
+    return f"sqlite:///{tmp_path_factory.mktemp('cluster') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def head(cluster_store):
     # Short temp dir: Ray's unix socket paths must stay under ~107 characters.
     state = f"/tmp/md-head-{os.getpid()}"
-    env = {**os.environ, "METADIST_HEAD_DIR": state, "RAY_PORT": "6391", "RAY_DASHBOARD_PORT": "8271",
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cluster_store,
+           "METADIST_HEAD_DIR": state, "RAY_PORT": "6391", "RAY_DASHBOARD_PORT": "8271",
            "RAY_DASHBOARD_AGENT_PORT": "52391",
            "RAY": str(ROOT / ".venv/bin/ray") if (ROOT / ".venv/bin/ray").exists() else "ray",
            "RAY_NUM_CPUS": "2", "RAY_OBJECT_STORE_BYTES": str(200 * 1024 * 1024)}
@@ -36,10 +43,11 @@ def test_submit_runs_the_debug_job_on_a_real_head(head, tmp_path, mlflow_store):
     res = subprocess.run(
         [sys.executable, "-m", "metadist.cli", "submit", "jobs/sine/maml-debug.yaml", "--address", head,
          "--set", "runtime.executor=ray", "--set", "runtime.workers=2", "--set", "runtime.cpus_per_worker=0.5",
-         "--set", "train.steps=40", "--set", "eval.episodes=20", "--set", f"train.out_dir={out}"],
+         "--set", "train.steps=40", "--set", "eval.episodes=20", "--set", f"train.out_dir={out}",
+         "--tracking-uri", mlflow_store],  # over the cluster's own store
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
-    assert "SUCCEEDED" in res.stderr
+    assert "SUCCEEDED" in res.stderr and f"MLflow: {mlflow_store}" in res.stderr
     client = MlflowClient(mlflow_store)
     (run,) = client.search_runs([client.get_experiment_by_name("maml-debug").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["system.workers"] == "2"
@@ -54,7 +62,7 @@ def test_submit_runs_the_debug_job_on_a_real_head(head, tmp_path, mlflow_store):
     assert "meta-gradient is not finite" in res.stdout
 
 
-def test_submit_runs_a_sweep_on_a_real_head(head, tmp_path, mlflow_store):
+def test_submit_runs_a_sweep_on_a_real_head(head, tmp_path, mlflow_store, cluster_store):
     out = tmp_path / "sweeps"
     res = subprocess.run(
         [sys.executable, "-m", "metadist.cli", "submit", "jobs/sweeps/sine-debug.yaml", "--address", head,
@@ -63,7 +71,9 @@ def test_submit_runs_a_sweep_on_a_real_head(head, tmp_path, mlflow_store):
         cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
     assert "metadist.cli tune jobs/sweeps/sine-debug.yaml" in res.stderr and "SUCCEEDED" in res.stderr
-    client = MlflowClient(mlflow_store)
+    # The head sets its own MLFLOW_TRACKING_URI, so the runs are there and not in the submitter's store.
+    assert MlflowClient(mlflow_store).get_experiment_by_name("sine-debug") is None
+    client = MlflowClient(cluster_store)
     exp = client.get_experiment_by_name("sine-debug").experiment_id
     (parent,) = client.search_runs([exp], filter_string="tags.`metadist.kind` = 'sweep'")
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_finished"] == 2

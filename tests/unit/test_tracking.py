@@ -1,0 +1,41 @@
+"""Which MLflow store a run records to, and the checks made before the first request."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from metadist.runtime.submit import job_env
+from metadist.tracking import SUBMITTER_URI, TrackingError, check_store, tracking_uri
+
+
+def test_store_precedence(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(SUBMITTER_URI, raising=False)
+    assert tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv(SUBMITTER_URI, "sqlite:///submitter.db")
+    assert tracking_uri() == "sqlite:///submitter.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://cluster:5000")  # a cluster's own store wins
+    assert tracking_uri() == "http://cluster:5000"
+    assert tracking_uri("http://configured:5000") == "http://configured:5000"
+
+
+def test_submitted_jobs_get_the_submitters_store_as_a_fallback_only(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # a laptop's port-forward
+    assert job_env() == {SUBMITTER_URI: "http://127.0.0.1:5000"}
+    assert job_env("http://mlflow.internal:5000") == {"MLFLOW_TRACKING_URI": "http://mlflow.internal:5000"}
+
+
+def test_a_server_nobody_runs_is_one_error_at_once():
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match=f"nothing answers at the MLflow server {uri}"):
+        check_store(MlflowClient(uri), uri)
+    assert time.monotonic() - start < 5  # not MLflow's minutes of retries
