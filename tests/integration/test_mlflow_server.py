@@ -123,7 +123,7 @@ def test_compose_file_needs_every_secret_and_holds_none():
     compose = yaml.safe_load((INFRA / "docker-compose.yaml").read_text())
     assert {"postgres", "minio", "create-bucket", "mlflow"} <= set(compose["services"])
     mlflow = compose["services"]["mlflow"]
-    assert mlflow["ports"] == ["127.0.0.1:5000:5000"]
+    assert mlflow["ports"] == ["${MLFLOW_PUBLISH_HOST:-127.0.0.1}:5000:5000"]  # loopback unless asked
     text = (INFRA / "docker-compose.yaml").read_text()
     for secret in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_SECRET_KEY"):
         assert f"${{{secret}:?" in text, f"{secret} must be required, never defaulted"

@@ -53,6 +53,19 @@ def test_versions_agree():
     assert f"mlflow[auth]=={pinned}" in (ROOT / "infra/mlflow/Dockerfile").read_text()
 
 
+def test_metadist_images_carry_the_package_version():
+    # The manifests, the docs' build commands and the Dockerfile's usage all name metadist:<version>.
+    files = [ROOT / "infra/k8s/kuberay/raycluster.yaml", ROOT / "docs/deploy.md", ROOT / "infra/docker/Dockerfile"]
+    tags = [t for f in files for t in re.findall(r"/metadist:([\w.-]+)", f.read_text())]
+    assert tags and {t.removesuffix("-cpu") for t in tags} == {metadist.__version__}, tags
+
+
+def test_torch_pin_agrees_everywhere():
+    places = [ROOT / "Makefile", ROOT / "infra/docker/Dockerfile", ROOT / "cluster/aws.yaml"]
+    pins = {f.name: set(re.findall(r"torch==([\d.]+)", f.read_text())) for f in places}
+    assert all(len(p) == 1 for p in pins.values()) and len(set.union(*pins.values())) == 1, pins
+
+
 def test_dockerignore_keeps_the_build_context_small():
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "data", "runs", "mlruns", "infra/mlflow/.env"} <= set(ignored)
