@@ -141,6 +141,24 @@ def _image_ray_version() -> str:
     return re.search(r"^ARG RAY_VERSION=(\S+)$", text, re.M).group(1)
 
 
+def test_rayjob_entrypoints_are_valid_metadist_commands():
+    # The same check `metadist submit` makes on a laptop: a typo in a key fails here, not on the cluster.
+    from metadist.config import load_config
+    from metadist.sweep import load_sweep, plan_sweep
+
+    jobs = [doc for _, doc in _docs() if doc["kind"] == "RayJob"]
+    assert {shlex.split(j["spec"]["entrypoint"])[3] for j in jobs} == {"train", "tune"}
+    for job in jobs:
+        args = shlex.split(job["spec"]["entrypoint"])
+        overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        if args[3] == "tune":
+            plan = plan_sweep(load_sweep(ROOT / args[4], overrides), ROOT / args[4])
+            assert plan.job["runtime"]["device"] == "cuda" and plan.job["runtime"]["gpus_per_worker"] == 1
+        else:
+            cfg = load_config(ROOT / args[4], overrides)
+            assert cfg.runtime.executor == "ray" and cfg.runtime.device == "cuda" and cfg.runtime.gpus_per_worker == 1
+
+
 def test_pods_get_mlflow_settings_from_configmap_and_secret():
     for path, doc in _docs():
         if doc["kind"] != "RayCluster":
