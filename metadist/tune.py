@@ -226,10 +226,19 @@ def _run(sweep_dir: Path, plan: SweepPlan, parent: SweepRun, console: Console, r
         raise SweepInterrupted(f"the sweep was interrupted; resume it with:  metadist tune --resume {sweep_dir}")
 
 
+SHARED_STORAGE_HINT = ("the sweep folder is not on storage every node sees: on a multi-node cluster set "
+                       "out_dir to a shared filesystem mounted on every node (docs/deploy.md, step 6)")
+
+
 def _error_line(trial) -> str:
     """The last line of a failed trial's traceback, which Tune keeps in the trial's error file."""
     path = Path(trial.error_file) if trial.error_file else None
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()] if path and path.exists() else []
+    text = path.read_text() if path and path.exists() else ""
+    if "Unable to set up cluster storage" in text:
+        # Tune checkpoints from the trial's node into out_dir: a node-local folder fails there, in a
+        # message many lines long whose last line is a link.
+        return SHARED_STORAGE_HINT
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     return lines[-1][:300] if lines else "see the trial's error file"
 
 

@@ -159,6 +159,28 @@ def test_rayjob_entrypoints_are_valid_metadist_commands():
             assert cfg.runtime.executor == "ray" and cfg.runtime.device == "cuda" and cfg.runtime.gpus_per_worker == 1
 
 
+def test_every_ray_pod_mounts_the_shared_volume_that_sweeps_write_to():
+    docs = [doc for _, doc in _docs()]
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    pvc = next(d for d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == "metadist-shared")
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"]  # every node mounts it at once
+    (cluster,) = [d for d in docs if d["kind"] == "RayCluster"]
+    mounts = set()
+    for _, template in _pod_templates(cluster):
+        volumes = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in template["spec"]["volumes"]}
+        for c in template["spec"]["containers"]:
+            paths = {m["mountPath"] for m in c["volumeMounts"] if volumes.get(m["name"]) == "metadist-shared"}
+            assert len(paths) == 1, f"{c['name']} does not mount metadist-shared"
+            mounts |= paths
+        assert set(volumes.values()) <= claims
+    (mount,) = mounts  # the same path on every pod
+    for job in (d for d in docs if d["kind"] == "RayJob"):
+        args = shlex.split(job["spec"]["entrypoint"])
+        key = "out_dir" if args[3] == "tune" else "train.out_dir"
+        (value,) = [a.split("=", 1)[1] for a in args if a.startswith(f"{key}=")]
+        assert value.startswith(mount + "/"), f"{job['metadata']['name']}: {key} is not on the shared volume"
+
+
 def test_pods_get_mlflow_settings_from_configmap_and_secret():
     for path, doc in _docs():
         if doc["kind"] != "RayCluster":

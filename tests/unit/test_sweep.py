@@ -167,3 +167,24 @@ def test_sweep_files_parse_as_yaml_mappings():
     for path in SWEEPS:
         data = yaml.safe_load(path.read_text())
         assert isinstance(data, dict) and "base" in data, path
+
+
+def test_a_node_local_sweep_folder_on_a_cluster_is_named_as_such(tmp_path):
+    # The error Ray raises when a trial on another node cannot see out_dir, made by Ray itself: its
+    # storage check after the marker a node-local folder lacks is gone.
+    import traceback
+    from types import SimpleNamespace
+
+    from ray.train._internal.storage import _VALIDATE_STORAGE_MARKER_FILENAME, StorageContext
+
+    from metadist.tune import SHARED_STORAGE_HINT, _error_line
+
+    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="sweep")
+    (tmp_path / "sweep" / _VALIDATE_STORAGE_MARKER_FILENAME).unlink()
+    with pytest.raises(RuntimeError) as err:
+        storage._check_validation_file()
+    error_file = tmp_path / "error.txt"
+    error_file.write_text("".join(traceback.format_exception(err.value)))
+    assert _error_line(SimpleNamespace(error_file=str(error_file))) == SHARED_STORAGE_HINT
+    error_file.write_text("Traceback (most recent call last):\n  ...\nValueError: something else\n")
+    assert _error_line(SimpleNamespace(error_file=str(error_file))) == "ValueError: something else"
