@@ -78,10 +78,8 @@ def train(job: Optional[Path] = typer.Argument(None, help="Job YAML, e.g. jobs/s
 def _tracker(cfg):
     if not cfg.tracking.enabled:
         return None
-    from metadist.tracking import Tracker, check_store
-    tracker = Tracker(cfg)
-    check_store(tracker.client, tracker.uri)  # before a run folder is made or a worker started
-    return tracker
+    from metadist.tracking import Tracker
+    return Tracker(cfg)  # asks the store at once: a bad URI fails before a run folder is made
 
 
 @app.command()

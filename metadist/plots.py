@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and in workers
@@ -90,6 +92,13 @@ def sine_fits(model, params_by_label: dict[str, dict], cfg, tasks, n_tasks: int 
     axes[0, 0].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig
+
+
+def save_png(fig, path: Path) -> Path:
+    """Write a figure to a PNG file and free it."""
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _sweep_top(values: list[float], mode: str) -> float | None:

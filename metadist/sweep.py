@@ -9,6 +9,7 @@ This module knows nothing of Ray; `metadist.tune` turns a plan into a Tune exper
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass as plain_dataclass, field
 from pathlib import Path
@@ -182,7 +183,7 @@ class SweepPlan:
 
 def config_with(job: dict, params: dict[str, Any]) -> Config:
     """The validated config of job dict `job` with the dotted keys of `params` set."""
-    data = yaml.safe_load(yaml.safe_dump(job))  # a deep copy: `job` is shared
+    data = copy.deepcopy(job)  # `job` is shared by every trial and probe
     for key, value in params.items():
         set_path(data, key, value)
     return from_dict(data)

@@ -30,8 +30,6 @@ from metadist.config import flatten, to_dict
 from metadist.runtime.net import unreachable
 
 MAX_PARAM = 6000  # MLflow's limit on a param value's length
-
-
 SUBMITTER_URI = "METADIST_SUBMITTER_TRACKING_URI"
 
 
@@ -80,6 +78,13 @@ def check_store(client: MlflowClient, uri: str) -> None:
         raise TrackingError(f"cannot use the MLflow store {uri}: {text.splitlines()[0][:300] if text else type(err).__name__}") from None
 
 
+def log_params(client: MlflowClient, run_id: str, flat: dict) -> None:
+    """A flat dict as the run's params, cut to MLflow's length limit."""
+    params = [Param(k, str(v)[:MAX_PARAM]) for k, v in flat.items()]
+    for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
+        client.log_batch(run_id, params=params[i:i + 100])
+
+
 def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     """The id of experiment `name`, created (artifacts beside a local SQLite store) if it is new."""
     exp = client.get_experiment_by_name(name)
@@ -103,6 +108,8 @@ class Tracker:
         self.cfg = cfg
         self.uri = tracking_uri(uri or cfg.tracking.uri)
         self.client = MlflowClient(self.uri)
+        if run_id is None:  # a new run: the store is asked now, before a run folder or a worker exists
+            check_store(self.client, self.uri)
         self.run_id = run_id
         self.parent_run_id = parent_run_id  # a sweep's run: this run shows nested under it
         self.run_name = run_name
@@ -118,7 +125,6 @@ class Tracker:
             self.client.update_run(self.run_id, status="RUNNING")
             self._log_baseline(trainer)
             return
-        check_store(self.client, self.uri)
         exp_id = experiment_id(self.client, cfg.tracking.experiment or cfg.name, self.uri)
         run_name = self.run_name or trainer.run_dir.name
         tags = {"mlflow.runName": run_name, "metadist.version": __version__,
@@ -129,9 +135,7 @@ class Tracker:
             tags["mlflow.parentRunId"] = self.parent_run_id
         run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
-        params = [Param(k, str(v)[:MAX_PARAM]) for k, v in flatten(to_dict(cfg)).items()]
-        for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        log_params(self.client, self.run_id, flatten(to_dict(cfg)))
         info = trainer.executor.describe()
         system = {"ray_version": info.get("ray_version", "-"), "workers": str(info["workers"]),
                   "device_kinds": ",".join(info.get("devices") or sorted({w["device"] for w in info["workers_info"]})),
@@ -273,9 +277,7 @@ class SweepRun:
         self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
         flat = flatten({k: v for k, v in sweep.items() if k != "space"})
         flat.update({f"space.{k}": json.dumps(v) for k, v in sweep["space"].items()})
-        params = [Param(k, str(v)[:MAX_PARAM]) for k, v in flat.items()]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        log_params(self.client, self.run_id, flat)
         self.client.log_artifact(self.run_id, str(sweep_file))
         return self.run_id
 
@@ -306,15 +308,13 @@ class SweepRun:
                 latest[trial] = run
         return {r.info.run_id for r in latest.values()}
 
-    def finish(self, metrics: dict[str, float], files: list[Path], figures: dict, status: str) -> None:
+    def finish(self, metrics: dict[str, float], files: list[Path], plots: list[Path], status: str) -> None:
+        """Log the counts and best value, the result files, and the plot PNGs (under `plots/`); close."""
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
                                                     if isinstance(v, (int, float)) and math.isfinite(v)])
         for path in files:
             self.client.log_artifact(self.run_id, str(path))
-        import matplotlib.pyplot as plt
-
-        for name, fig in figures.items():
-            self.client.log_figure(self.run_id, fig, name)
-            plt.close(fig)
+        for path in plots:
+            self.client.log_artifact(self.run_id, str(path), artifact_path="plots")
         self.client.set_terminated(self.run_id, status=status)

@@ -274,18 +274,18 @@ def _finish(sweep_dir: Path, plan: SweepPlan, parent: SweepRun, trials, console:
     labels = {t.trial_id: f"{t.trial_id.rsplit('_', 1)[-1]} {trial_label(t.params)}" for t in trials}
     curves = {labels[t.trial_id]: [(int(h.get("steps_done") or 0), float(h[plan.metric])) for h in t.history
                                    if isinstance(h.get(plan.metric), (int, float))] for t in trials}
-    figures = {"plots/learning_curves.png": plots.sweep_curves(
+    figures = {"learning_curves.png": plots.sweep_curves(
         curves, {labels[k]: v for k, v in outcomes.items()}, plan.metric, name, plan.mode)}
     x = "inner.lr" if "inner.lr" in plan.space else next(
         (k for k, (kind, _) in plan.space.items() if kind == "loguniform"), None)
     if x is not None:
-        figures[f"plots/{plan.metric}_vs_{x}.png"] = plots.sweep_scatter(table, plan.metric, plan.mode, name, x=x)
-    for fname, fig in figures.items():
-        fig.savefig(sweep_dir / Path(fname).name, dpi=110)
+        figures[f"{plan.metric}_vs_{x}.png"] = plots.sweep_scatter(table, plan.metric, plan.mode, name, x=x)
+    # Rendered once: the sweep folder's PNGs are what the parent run gets.
+    pngs = [plots.save_png(fig, sweep_dir / fname) for fname, fig in figures.items()]
     parent.settle_children(outcomes)
     counts = {f"trials_{k}": sum(r["outcome"] == k for r in table) for k in sweep_results.ORDER}
     metrics = {**counts, **({f"best_{plan.metric}": best[plan.metric]} if best else {})}
-    parent.finish(metrics, files, figures, status="KILLED" if interrupted else "FINISHED")
+    parent.finish(metrics, files, pngs, status="KILLED" if interrupted else "FINISHED")
     console.print(f"results: {files[0]}  ({len(table)} trials: "
                   f"{', '.join(f'{v} {k[7:]}' for k, v in counts.items() if v)})", highlight=False, soft_wrap=True)
 
