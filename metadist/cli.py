@@ -21,6 +21,8 @@ err = Console(stderr=True)
 
 SetOpt = typer.Option(None, "--set", help="Override a config key: --set inner.lr=0.05 (repeatable).")
 SummaryOpt = typer.Option(None, "--summary-json", help="Write the run summary as JSON to this path.")
+# metadist.data.format.SHARD_BYTES in MB; not imported, so the CLI starts without numpy and PIL.
+ShardMbOpt = typer.Option(64.0, help="Target shard size in MB (at least as many train shards as workers are needed).")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -182,7 +184,7 @@ def data_synth(out: Path = typer.Argument(..., help="Directory to write the shar
                per_class: int = typer.Option(600, help="Images per class."),
                size: int = typer.Option(84, help="Image side in pixels."),
                seed: int = typer.Option(0, help="Seed of the class prototypes and augmentations."),
-               shard_mb: float = typer.Option(64.0, help="Target shard size in MB (at least as many train shards as workers are needed)."),
+               shard_mb: float = ShardMbOpt,
                workers: int = typer.Option(1, help="Encoding processes.")):
     """Write a synthetic dataset in the mini-ImageNet layout (64 / 16 / 20 learnable classes)."""
     from rich.progress import Progress
@@ -213,7 +215,7 @@ def data_convert(src: Path = typer.Argument(..., help="The files you have (see -
                  grayscale: bool = typer.Option(False, help="Store single-channel images."),
                  on_wrong_size: str = typer.Option("resize", help="Images not size×size: 'resize' or 'error' (skip and count)."),
                  min_per_class: int = typer.Option(20, help="Report classes with fewer images than this."),
-                 shard_mb: float = typer.Option(64.0, help="Target shard size in MB (at least as many train shards as workers are needed)."),
+                 shard_mb: float = ShardMbOpt,
                  workers: int = typer.Option(1, help="Encoding processes."),
                  seed: int = typer.Option(0, help="Seed of the sample order within each split.")):
     """Convert mini-ImageNet-style files into WebDataset shards with a Parquet manifest."""

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from metadist.data.format import DataError
+from metadist.data.format import SHARD_BYTES, DataError
 from metadist.data.writer import SPLITS, SplitReport, index_shards, write_split
 
 FORMATS = ("ravi-csv", "pickle-cache", "folders", "torchmeta-hdf5")
@@ -184,7 +184,7 @@ READERS = {"ravi-csv": read_ravi_csv, "pickle-cache": read_pickle_cache, "folder
            "torchmeta-hdf5": read_torchmeta_hdf5}
 
 
-def convert(fmt: str, src: Path, out: Path, *, opts: ImageOptions = ImageOptions(), shard_bytes: float = 64e6,
+def convert(fmt: str, src: Path, out: Path, *, opts: ImageOptions = ImageOptions(), shard_bytes: float = SHARD_BYTES,
             workers: int = 1, seed: int = 0, progress=None, log=print) -> list[SplitReport]:
     """Read `src` in format `fmt`, write shards and the manifest to `out`; returns per-split reports."""
     if fmt not in READERS:

@@ -13,6 +13,7 @@ ALLOWED_EXTS = set(IMAGE_EXTS) | {"cls", "json"}
 # Members that some tools put in shards and that decode by unpickling: refused, never read.
 PICKLE_EXTS = {"pyd", "pickle", "pkl", "pth", "pt", "npy", "npz"}
 FORMAT_VERSION = 1
+SHARD_BYTES = 64e6  # target shard size: several train shards per worker even for mini-ImageNet
 
 
 class DataError(ValueError):

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from metadist.data.format import SHARD_BYTES
+
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "bar", "star", "hexagon", "arc")
 CLASSES = {"train": 64, "val": 16, "test": 20}
 
@@ -96,7 +98,7 @@ def items(seed: int, split: str, per_class: int, size: int, classes: int | None 
 
 
 def synth_dataset(out: Path, *, per_class: int = 600, size: int = 84, seed: int = 0, workers: int = 1,
-                  shard_bytes: float = 64e6, classes: dict | None = None, progress=None):
+                  shard_bytes: float = SHARD_BYTES, classes: dict | None = None, progress=None):
     """Write the three splits and the manifest; returns the per-split reports."""
     from metadist.data.writer import index_shards, write_split
 

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from rich.progress import Progress
 
-from metadist.data.format import FORMAT_VERSION, IMAGE_EXTS, DataError
+from metadist.data.format import FORMAT_VERSION, IMAGE_EXTS, SHARD_BYTES, DataError
 
 SPLITS = ("train", "val", "test")
 
@@ -47,7 +47,7 @@ def _encode_one(args):
 
 
 def write_split(out: Path, split: str, items: list[tuple[str, object]], encode: Callable, *, seed: int = 0,
-                shard_bytes: float = 64e6, workers: int = 1, progress: Progress | None = None) -> SplitReport:
+                shard_bytes: float = SHARD_BYTES, workers: int = 1, progress: Progress | None = None) -> SplitReport:
     """Encode `items` ((class name, source) pairs) and write them as `<split>-NNNNN.tar` shards."""
     report = SplitReport(split)
     classes = sorted({c for c, _ in items})

@@ -70,3 +70,10 @@ def test_console_script_runs_as_installed(tmp_path):
     res = subprocess.run([*exe, "train", JOB, "--set", "algorithm.nme=x"], capture_output=True, text=True)
     assert res.returncode == 2 and "unknown key 'algorithm.nme'" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_cli_shard_size_default_is_the_librarys():
+    from metadist import cli
+    from metadist.data.format import SHARD_BYTES
+
+    assert cli.ShardMbOpt.default * 1e6 == SHARD_BYTES
