@@ -95,6 +95,13 @@ def tune(sweep: Optional[Path] = typer.Argument(None, help="Sweep YAML, e.g. job
         _fail("give a sweep file, or --resume with the sweep folder (not both)")
     if resume is not None and set_:
         _fail("--set cannot change a resumed sweep: it goes on with the settings it started with")
+    from metadist.sweep import load_sweep, plan_sweep, read_state
+
+    try:  # a bad sweep file or folder is one line before Ray and Tune are imported (about 9 s)
+        state = read_state(resume) if resume is not None else None
+        plan = plan_sweep(load_sweep(sweep, set_ or []), sweep) if sweep is not None else None
+    except ConfigError as e:
+        _fail(str(e))
     from metadist import tune as sweeps
     from metadist.runtime.errors import ClusterError
     from metadist.tracking import TrackingError
@@ -102,9 +109,9 @@ def tune(sweep: Optional[Path] = typer.Argument(None, help="Sweep YAML, e.g. job
     sweeps.install_sigterm_as_interrupt()
     try:
         if resume is not None:
-            sweeps.resume(resume, console=err)
+            sweeps.resume(resume, state, console=err)
         else:
-            sweeps.start(sweep, set_ or [], console=err)
+            sweeps.start(plan, sweep, console=err)
     except (ConfigError, ClusterError, TrackingError) as e:
         _fail(str(e))
     except sweeps.SweepInterrupted as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass as plain_dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -148,6 +149,18 @@ def sweep_from_dict(data: Any, overrides: list[str] | tuple[str, ...] = ()) -> S
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
     """Read a sweep file; its name defaults to the file's stem."""
     return sweep_from_dict(read_yaml(path, "sweep file"), overrides)
+
+
+STATE = "sweep.json"  # the sweep's own state beside Tune's: plan, MLflow parent run, store
+
+
+def read_state(sweep_dir: Path) -> dict:
+    """The saved state of a sweep folder, or one ConfigError when the folder is not one."""
+    path = Path(sweep_dir) / STATE
+    if not path.is_file():
+        raise ConfigError(f"--resume {sweep_dir}: not a sweep folder (no {STATE}); give the folder "
+                          f"`metadist tune` printed")
+    return json.loads(path.read_text())
 
 
 def is_sweep_file(path: str | Path) -> bool:

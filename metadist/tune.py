@@ -32,10 +32,8 @@ from metadist import plots, sweep_results
 from metadist.config import ConfigError
 from metadist.runtime.ray_executor import check_reachable
 from metadist.runtime.trial import TrialContext, run_trial, trial_label
-from metadist.sweep import SweepPlan, load_sweep, plan_sweep
+from metadist.sweep import STATE, SweepPlan
 from metadist.tracking import SweepRun, tracking_uri
-
-STATE = "sweep.json"  # the sweep's own state beside Tune's: plan, MLflow parent run, store
 
 
 class SweepInterrupted(RuntimeError):
@@ -143,11 +141,9 @@ def _connect(sweep: dict) -> bool:
     return True
 
 
-def start(path: Path, overrides: list[str], console: Console) -> Path:
-    """Plan a sweep from its file, open its parent run, run it; returns the sweep folder."""
-    sweep = load_sweep(path, overrides)
-    plan = plan_sweep(sweep, path)
-    sweep_dir = (Path(plan.sweep["out_dir"]) / f"{sweep.name}-{datetime.now():%Y%m%d-%H%M%S}").resolve()
+def start(plan: SweepPlan, path: Path, console: Console) -> Path:
+    """Open the parent run of a planned sweep (from file `path`), run it; returns the sweep folder."""
+    sweep_dir = (Path(plan.sweep["out_dir"]) / f"{plan.sweep['name']}-{datetime.now():%Y%m%d-%H%M%S}").resolve()
     sweep_dir.mkdir(parents=True, exist_ok=False)
     (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(plan.sweep, sort_keys=False))
     uri = tracking_uri(plan.job["tracking"]["uri"])
@@ -162,13 +158,9 @@ def start(path: Path, overrides: list[str], console: Console) -> Path:
     return sweep_dir
 
 
-def resume(sweep_dir: Path, console: Console) -> Path:
-    """Go on with an interrupted sweep: finished trials stay as they are."""
+def resume(sweep_dir: Path, state: dict, console: Console) -> Path:
+    """Go on with an interrupted sweep (`state`: its `sweep.read_state`): finished trials stay as they are."""
     sweep_dir = Path(sweep_dir).resolve()
-    if not (sweep_dir / STATE).is_file():
-        raise ConfigError(f"--resume {sweep_dir}: not a sweep folder (no {STATE}); give the folder "
-                          f"`metadist tune` printed")
-    state = json.loads((sweep_dir / STATE).read_text())
     plan = SweepPlan(**state["plan"])
     plan.space = {k: tuple(v) for k, v in plan.space.items()}
     parent = SweepRun(state["tracking_uri"], plan.job["tracking"]["experiment"], run_id=state["parent_run_id"])
