@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metadist.config import from_dict  # noqa: E402
-from metadist.runtime.driver import StepTimes, Trainer  # noqa: E402
+from metadist.runtime.driver import StepClock, Trainer  # noqa: E402
 
 CONFIGS = {
     # The mini-ImageNet-size Conv-4 config of bench/inner_loop.py: 84 px, 3 channels, 32 filters,
@@ -58,21 +58,21 @@ def bench_config(name: str, steps: int, tmp: Path) -> dict:
     drivers = {"local": driver(base, "local", 1, tmp), "ray W=1": driver(base, "ray", 1, tmp),
                "ray W=2": driver(base, "ray", 2, tmp)}
     wall = {k: [] for k in drivers}
-    split = {k: StepTimes() for k in drivers}
     for i in range(steps + 2):
         for label, d in drivers.items():
-            times = StepTimes() if i < 2 else split[label]  # two warm-up steps each
+            if i == 2:
+                d.clock = StepClock(0)  # two warm-up steps each, left out of the time split
             start = time.perf_counter()
-            d.train_step(times)
+            d.train_step()
             if i >= 2:
-                times.add_total(time.perf_counter() - start)
                 wall[label].append(time.perf_counter() - start)
+    split = {k: d.clock.read() for k, d in drivers.items()}
     for d in drivers.values():
         d.close()
     tasks = base["train"]["meta_batch"]
     med = {k: statistics.median(v) for k, v in wall.items()}
     return {"config": name, "median_step_s": med, "tasks_per_s": {k: tasks / v for k, v in med.items()},
-            "split": {k: s.means() for k, s in split.items()},
+            "split": split,
             "overhead_w1": med["ray W=1"] / med["local"] - 1,
             "efficiency_w2": (tasks / med["ray W=2"]) / (2 * tasks / med["ray W=1"])}
 

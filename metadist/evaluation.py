@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from metadist.algorithms import adapt_curve, make_eval_spec
+from metadist.algorithms.evaluate import adapted_outputs
+from metadist.tasks.episode import Episode
 
 
 def summarise(values: torch.Tensor) -> dict:
@@ -28,16 +30,18 @@ def summarise(values: torch.Tensor) -> dict:
             "median": finite.median().item() if n else math.nan, "diverged": int(values.numel() - n)}
 
 
-def evaluate(model, params: dict, cfg, tasks, *, episodes: int | None = None, steps: int | None = None,
-             split: str | None = None) -> dict:
+def evaluate(model, params: dict, cfg, tasks, *, task_parallel: str, episodes: int | None = None,
+             steps: int | None = None, split: str | None = None) -> dict:
     """Adapt to the fixed evaluation tasks and report rows for 0..steps test-time steps.
+
+    `task_parallel` is the run's resolved mode (`vmap` or `loop`), the one training measured faster.
 
     Rows carry `mean` and `ci95` of the primary metric (MSE for regression, accuracy in % for
     classification), plus `loss_mean`/`loss_ci95` for classification and a `diverged` count.
     """
     episodes = episodes or cfg.eval.episodes
     split = split or cfg.eval.split
-    spec = make_eval_spec(cfg, steps)
+    spec = make_eval_spec(cfg, steps, task_parallel=task_parallel)
     shots = cfg.eval.shots or cfg.task.shots
     batch = tasks.fixed(split, episodes, shots, cfg.eval.query)
     curves = adapt_curve(model, params, batch, spec)
@@ -55,6 +59,25 @@ def evaluate(model, params: dict, cfg, tasks, *, episodes: int | None = None, st
         rows.append(row)
     return {"split": split, "shots": shots, "episodes": episodes,
             "metric": "accuracy" if "acc" in curves else "mse", "lr": spec.lr, "rows": rows}
+
+
+def sine_fits(model, params: dict, cfg, tasks, *, task_parallel: str, n_tasks: int = 3,
+              steps: tuple[int, ...] = (0, 1, 10), points: int = 200) -> dict:
+    """The data of the MAML paper's Figure 2 for the first `n_tasks` fixed test tasks: the true curves,
+    the support points, and the model's predictions on a grid after each of `steps` test-time steps,
+    adapted exactly as the evaluation adapts (`adapted_outputs`)."""
+    shots = cfg.eval.shots or cfg.task.shots
+    batch = tasks.fixed(cfg.eval.split, n_tasks, shots, cfg.eval.query)
+    lo, hi = cfg.task.x_range
+    grid = torch.linspace(lo, hi, points).unsqueeze(-1)
+    amp, phase = batch.info["amplitude"], batch.info["phase"]
+    true = amp.view(-1, 1, 1) * torch.sin(grid.unsqueeze(0) + phase.view(-1, 1, 1))
+    on_grid = Episode(batch.xs, batch.ys, grid.expand(n_tasks, -1, -1).contiguous(), true)
+    spec = make_eval_spec(cfg, steps=max(steps), task_parallel=task_parallel)
+    preds = adapted_outputs(model, params, on_grid, spec)
+    return {"grid": grid[:, 0], "true": true[..., 0], "amplitude": amp, "phase": phase,
+            "support_x": batch.xs[..., 0], "support_y": batch.ys[..., 0], "shots": shots,
+            "predictions": {s: preds[:, s, :, 0] for s in steps}}
 
 
 def print_eval(report: dict, title: str = "evaluation", console: Console | None = None) -> None:

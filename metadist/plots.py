@@ -5,6 +5,8 @@
   with 95% CI bands.
 - `sine_fits`: a few sinusoid test tasks, the true curve, the K support points and the model's fit
   after 0, 1 and 10 test-time steps, before and after meta-training (MAML paper, Figure 2).
+
+Every function here draws data it is given; the driver computes that data (evaluations, adapted fits).
 - `sweep_scatter`, `sweep_curves`: a sweep's validation metric against the inner learning rate, and
   every trial's validation curve.
 """
@@ -19,9 +21,6 @@ matplotlib.use("Agg")  # files only: no display on servers and in workers
 
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-
-from metadist.algorithms import make_eval_spec  # noqa: E402
-from metadist.algorithms.evaluate import adapted_predictions  # noqa: E402
 
 
 def training_curve(history: list[dict], name: str):
@@ -69,25 +68,22 @@ def adaptation_curve(reports: dict[str, dict], name: str):
     return fig
 
 
-def sine_fits(model, params_by_label: dict[str, dict], cfg, tasks, n_tasks: int = 3, steps=(0, 1, 10)):
-    """Rows: parameter sets (before / after meta-training); columns: test tasks."""
-    shots = cfg.eval.shots or cfg.task.shots
-    batch = tasks.fixed(cfg.eval.split, n_tasks, shots, cfg.eval.query)
-    spec = make_eval_spec(cfg, steps=max(steps))
-    lo, hi = cfg.task.x_range
-    grid = torch.linspace(lo, hi, 200).unsqueeze(-1)
-    fig, axes = plt.subplots(len(params_by_label), n_tasks, figsize=(4 * n_tasks, 3.2 * len(params_by_label)),
+def sine_fits(fits_by_label: dict[str, dict]):
+    """Rows: parameter sets (before / after meta-training); columns: test tasks. Each value is the data
+    `metadist.evaluation.sine_fits` computes; this only draws it."""
+    first = next(iter(fits_by_label.values()))
+    n_tasks = first["true"].shape[0]
+    fig, axes = plt.subplots(len(fits_by_label), n_tasks, figsize=(4 * n_tasks, 3.2 * len(fits_by_label)),
                              squeeze=False, sharex=True)
-    for row, (label, params) in enumerate(params_by_label.items()):
+    for row, (label, fits) in enumerate(fits_by_label.items()):
         for t in range(n_tasks):
             ax = axes[row, t]
-            amp, phase = batch.info["amplitude"][t].item(), batch.info["phase"][t].item()
-            ax.plot(grid[:, 0], amp * torch.sin(grid[:, 0] + phase), "k-", lw=2, label="true")
-            preds = adapted_predictions(model, params, batch.xs[t], batch.ys[t], grid, spec)
-            for s in steps:
-                ax.plot(grid[:, 0], preds[s][:, 0], "--" if s == 0 else "-", label=f"after {s} step(s)")
-            ax.plot(batch.xs[t][:, 0], batch.ys[t][:, 0], "^", color="purple", ms=8, label=f"{shots} support points")
-            ax.set_title(f"{label}: A={amp:.2f}, φ={phase:.2f}", fontsize=9)
+            ax.plot(fits["grid"], fits["true"][t], "k-", lw=2, label="true")
+            for s, preds in fits["predictions"].items():
+                ax.plot(fits["grid"], preds[t], "--" if s == 0 else "-", label=f"after {s} step(s)")
+            ax.plot(fits["support_x"][t], fits["support_y"][t], "^", color="purple", ms=8,
+                    label=f"{fits['shots']} support points")
+            ax.set_title(f"{label}: A={fits['amplitude'][t]:.2f}, φ={fits['phase'][t]:.2f}", fontsize=9)
             ax.set_ylim(-6, 6)
     axes[0, 0].legend(fontsize=7, loc="lower left")
     fig.tight_layout()

@@ -2,11 +2,16 @@
 
 The store is `tracking.uri`, else $MLFLOW_TRACKING_URI, else the store of the person who submitted the
 job ($METADIST_SUBMITTER_TRACKING_URI, set by `metadist submit`), else a SQLite file `mlflow.db` in the
-working directory, with artifacts in `mlruns/` beside it; no server is needed. A run records:
+working directory, with artifacts in `mlruns/` beside it; no server is needed. The driver computes
+everything; a `Tracker` records what it is handed:
 - params: the flattened resolved config; tags: Ray version, worker count, device kinds, the run folder;
-- metrics on every logging step: meta-loss, query loss and accuracy before and after adaptation,
-  tasks/s, step time split into compute / communication / driver, worker restarts; final evaluation;
-- artifacts: config.yaml, checkpoints, the final model, eval.json, metrics.jsonl, and PNG plots.
+- dataset inputs: the task source of each split the run reads, with a digest (the shards' hashes, or the
+  task family's parameters for procedural tasks);
+- metrics, grouped by prefix (`metric_name`): `train/` meta-loss, query loss and accuracy before and
+  after adaptation; `time/` tasks/s and the step time split into compute / communication / driver;
+  `val/` validation; `runtime/` worker restarts; and the headline `test/metric` with its CI;
+- artifacts: config.yaml, checkpoints, the final model, eval.json, the evaluation rows as a table
+  (eval_table.json), metrics.jsonl, and PNG plots.
 
 Everything goes through an explicit `MlflowClient` and run id rather than mlflow's global "active run",
 so a Tune trial or a test can hold several runs without them leaking into each other.
@@ -21,15 +26,16 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-import torch
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from metadist import __version__
 from metadist.config import flatten, to_dict
 from metadist.runtime.net import unreachable
 
 MAX_PARAM = 6000  # MLflow's limit on a param value's length
+EXPERIMENT_KIND = "mlflow.experimentKind"  # read by the MLflow 3.17 UI (no constant for it in the client)
 SUBMITTER_URI = "METADIST_SUBMITTER_TRACKING_URI"
 
 
@@ -91,7 +97,10 @@ def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=_artifact_root(uri))
+        # The kind makes MLflow 3's UI open the experiment in its model-training view (runs, charts,
+        # datasets) rather than the GenAI view (traces) it otherwise guesses for an empty experiment.
+        return client.create_experiment(name, artifact_location=_artifact_root(uri),
+                                        tags={EXPERIMENT_KIND: "custom_model_development"})
     except Exception:
         # Sweep trials starting at once race to create it: the loser reads the winner's.
         exp = client.get_experiment_by_name(name)
@@ -100,8 +109,29 @@ def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
         return exp.experiment_id
 
 
+def metric_name(key: str) -> str:
+    """The MLflow name of a record key, grouped by prefix so the UI lays the charts out in sections:
+    `train/` (meta-training), `val/` (validation during training), `time/` (step times, throughput),
+    `runtime/` (worker restarts); `test/` holds the final evaluation."""
+    if key.startswith("val_"):
+        return "val/" + key[len("val_"):]
+    if key.startswith("time_"):
+        return "time/" + key[len("time_"):]
+    if key == "tasks_per_s":
+        return "time/tasks_per_s"
+    if key == "worker_restarts":
+        return "runtime/worker_restarts"
+    return "train/" + key
+
+
+HEADLINE = "test/metric"
+"""One name across task families for how good a run is: the test metric after `eval.steps` test-time
+steps (MSE for regression, accuracy in % for classification; the run's `metadist.metric` tag says
+which), with `test/metric_ci95` beside it. The runs table and chart view compare runs on it."""
+
+
 class Tracker:
-    """One MLflow run for one training run."""
+    """One MLflow run for one training run: a sink that records what the driver hands it."""
 
     def __init__(self, cfg, uri: str | None = None, run_id: str | None = None, parent_run_id: str | None = None,
                  run_name: str | None = None, tags: dict[str, str] | None = None):
@@ -114,21 +144,19 @@ class Tracker:
         self.parent_run_id = parent_run_id  # a sweep's run: this run shows nested under it
         self.run_name = run_name
         self.extra_tags = dict(tags or {})
-        self.baseline: dict | None = None
-        self.initial_params: dict | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def start(self, trainer) -> None:
-        """Create (or, on resume, reopen) the run and record the config and system information."""
+    def start(self, run_dir: Path, system: dict[str, str], datasets: list[dict]) -> None:
+        """Create the run (or, on resume, reopen it) and record the config, the system information and
+        the datasets read (`name`, `split`, `digest`, `source`, `source_type`, `profile` each)."""
         cfg = self.cfg
         if self.run_id is not None:
             self.client.update_run(self.run_id, status="RUNNING")
-            self._log_baseline(trainer)
             return
         exp_id = experiment_id(self.client, cfg.tracking.experiment or cfg.name, self.uri)
-        run_name = self.run_name or trainer.run_dir.name
+        run_name = self.run_name or Path(run_dir).name
         tags = {"mlflow.runName": run_name, "metadist.version": __version__,
-                "metadist.run_dir": str(Path(trainer.run_dir).resolve()),
+                "metadist.run_dir": str(Path(run_dir).resolve()),
                 "algorithm": cfg.algorithm.name, "task_family": cfg.task.family,
                 "executor": cfg.runtime.executor, "workers": str(cfg.runtime.workers), **self.extra_tags}
         if self.parent_run_id:
@@ -136,33 +164,15 @@ class Tracker:
         run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         log_params(self.client, self.run_id, flatten(to_dict(cfg)))
-        info = trainer.executor.describe()
-        system = {"ray_version": info.get("ray_version", "-"), "workers": str(info["workers"]),
-                  "device_kinds": ",".join(info.get("devices") or sorted({w["device"] for w in info["workers_info"]})),
-                  "torch_version": torch.__version__}
-        self.client.log_batch(self.run_id, tags=[RunTag(f"system.{k}", v) for k, v in system.items()])
-        self.client.log_artifact(self.run_id, str(trainer.run_dir / "config.yaml"))
-        self._log_baseline(trainer)
-
-    def _log_baseline(self, trainer) -> None:
-        # The "before meta-training" side of the adaptation plot: the initial parameters, evaluated once
-        # and kept in the run folder so a resumed run draws the same curve.
-        path = trainer.run_dir / "eval_initial.json"
-        init_path = trainer.run_dir / "params_initial.pt"
-        if path.exists() and init_path.exists():
-            self.baseline = json.loads(path.read_text())
-            self.initial_params = torch.load(init_path, weights_only=True)
-            return
-        if trainer.step != 0:
-            return  # resumed without a baseline: the plots show the meta-trained curve alone
-        from metadist.evaluation import evaluate
-        self.initial_params = {k: v.detach().clone() for k, v in trainer.params.items()}
-        torch.save(self.initial_params, init_path)
-        self.baseline = evaluate(trainer.model, trainer.params, self.cfg, trainer.tasks)
-        path.write_text(json.dumps(self.baseline, indent=2))
+        self.client.log_batch(self.run_id, tags=[RunTag(f"system.{k}", str(v)) for k, v in system.items()])
+        self.client.log_inputs(self.run_id, datasets=[
+            DatasetInput(Dataset(name=d["name"], digest=d["digest"], source_type=d["source_type"],
+                                 source=d["source"], profile=d.get("profile")),
+                         tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["split"])]) for d in datasets])
+        self.client.log_artifact(self.run_id, str(Path(run_dir) / "config.yaml"))
 
     def log_record(self, record: dict) -> None:
-        """One logging step's metrics (scalars only; per-inner-step lists become `<key>_<k>`)."""
+        """One record's metrics at its step (scalars only; per-inner-step lists become `<key>_<k>`)."""
         step, now = int(record["step"]), int(time.time() * 1000)
         metrics = []
         for k, v in record.items():
@@ -171,48 +181,38 @@ class Tracker:
             values = enumerate(v) if isinstance(v, list) else [(None, v)]
             for i, x in values:
                 if isinstance(x, (int, float)) and math.isfinite(x):
-                    metrics.append(Metric(k if i is None else f"{k}_{i}", float(x), now, step))
-        if "loss_after" in record:
-            metrics.append(Metric("meta_loss", float(record["loss_after"]), now, step))
+                    metrics.append(Metric(metric_name(k if i is None else f"{k}_{i}"), float(x), now, step))
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
 
-    def checkpoint_saved(self, path: Path, step: int) -> None:
+    def checkpoint_saved(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path="checkpoints")
 
-    def finish(self, trainer, summary: dict) -> None:
-        """Final evaluation metrics, the report, the model and the plots; mark the run FINISHED."""
-        from metadist import plots
+    def finish(self, step: int, report: dict, *, files: dict[str, Path], model: Path, figures: dict,
+               tasks_per_s: float) -> None:
+        """The final evaluation (the headline metric, and its rows as a table), the run's files, the model
+        and the figures; then mark the run FINISHED."""
+        import matplotlib.pyplot as plt
 
         now = int(time.time() * 1000)
-        report = summary["eval"]
-        metrics = [Metric(f"eval_{report['metric']}_{r['steps']}", float(r["mean"]), now, trainer.step)
-                   for r in report["rows"] if math.isfinite(r["mean"])]
-        metrics += [Metric(f"eval_{report['metric']}_{r['steps']}_ci95", float(r["ci95"]), now, trainer.step)
-                    for r in report["rows"] if math.isfinite(r["ci95"])]
-        tps = summary["throughput"]["tasks_per_s"]
-        if isinstance(tps, float) and math.isfinite(tps):
-            metrics.append(Metric("steady_tasks_per_s", tps, now, trainer.step))
-        self.client.log_batch(self.run_id, metrics=metrics)
-        run_dir = Path(trainer.run_dir)
-        for name in ("eval.json", "metrics.jsonl"):
-            if (run_dir / name).exists():
-                self.client.log_artifact(self.run_id, str(run_dir / name))
-        model_path = run_dir / "model.pt"
-        torch.save({"config": to_dict(self.cfg), "params": {k: v.detach().cpu() for k, v in trainer.params.items()},
-                    "buffers": {k: v.cpu() for k, v in trainer.model.named_buffers()}}, model_path)
-        self.client.log_artifact(self.run_id, str(model_path), artifact_path="model")
-        history = _history(run_dir)
-        if history:
-            self._figure(plots.training_curve(history, self.cfg.name), "plots/training_curve.png")
-        reports = {"before meta-training": self.baseline} if self.baseline else {}
-        reports["after meta-training"] = report
-        self._figure(plots.adaptation_curve(reports, self.cfg.name), "plots/adaptation_curve.png")
-        if self.cfg.task.family == "sinusoid":
-            sets = {"before meta-training": self.initial_params} if self.initial_params else {}
-            sets["after meta-training"] = trainer.params
-            self._figure(plots.sine_fits(trainer.model, sets, self.cfg, trainer.tasks,
-                                         n_tasks=self.cfg.tracking.plot_tasks), "plots/sine_fits.png")
+        rows = report["rows"]
+        final = rows[-1]
+        values = {HEADLINE: final["mean"], f"{HEADLINE}_ci95": final["ci95"],
+                  "time/steady_tasks_per_s": tasks_per_s}
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()
+                                                    if isinstance(v, (int, float)) and math.isfinite(v)],
+                              tags=[RunTag("metadist.metric", f"{report['metric']} after {final['steps']} "
+                                           f"test-time steps on {report['episodes']} {report['split']} tasks "
+                                           f"({'lower' if report['metric'] == 'mse' else 'higher'} is better)")])
+        self.client.log_table(self.run_id, data={k: [r.get(k) for r in rows] for k in rows[0]},
+                              artifact_file="eval_table.json")
+        for path in files.values():
+            if Path(path).exists():
+                self.client.log_artifact(self.run_id, str(path))
+        self.client.log_artifact(self.run_id, str(model), artifact_path="model")
+        for name, fig in figures.items():
+            self.client.log_figure(self.run_id, fig, name)
+            plt.close(fig)
         self.client.set_tag(self.run_id, "metadist.status", "finished")
         self.client.set_terminated(self.run_id, status="FINISHED")
 
@@ -230,19 +230,6 @@ class Tracker:
             self.client.set_terminated(self.run_id, status="KILLED" if killed else "FAILED")
         except Exception:  # the store itself may be what failed; the original error matters more
             pass
-
-    def _figure(self, fig, name: str) -> None:
-        import matplotlib.pyplot as plt
-
-        self.client.log_figure(self.run_id, fig, name)
-        plt.close(fig)
-
-
-def _history(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def find_run_dir(run_id: str, uri: str | None = None) -> Path:

@@ -28,3 +28,14 @@ def mlflow_store(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+def crash_at(trainer, step: int) -> None:
+    """Make `trainer` die right after outer step `step`, as a driver killed with Ctrl-C would."""
+    from metadist.runtime.driver import Callback, Every
+
+    def crash(t):
+        if t.step == step:
+            raise KeyboardInterrupt
+
+    trainer.callbacks.append(Callback(Every(1), crash))

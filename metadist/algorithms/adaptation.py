@@ -99,7 +99,8 @@ def adapt(model: torch.nn.Module, params: Tensors, xs, ys, xq, yq, spec: InnerSp
     """Adapt to one task from `params` and return (meta-objective, aux metrics).
 
     aux holds `loss_after` (query loss after `spec.steps` steps), `loss_before` (at 0 steps, when
-    `spec.report_before` or `spec.track`), `acc_*` for classification, `loss_steps`/`acc_steps` (after every step) when `spec.track`, `diverged`, and
+    `spec.report_before` or `spec.track`), `acc_*` for classification, `loss_steps`/`acc_steps` (after every step) when `spec.track` (and the
+    query predictions `out_steps` with `spec.keep_outputs`), `diverged`, and
     per-step BatchNorm batch statistics `bn_mean`/`bn_var` in `per_step` training mode.
     """
     fwd = Forward(model, spec)
@@ -119,8 +120,12 @@ def adapt(model: torch.nn.Module, params: Tensors, xs, ys, xq, yq, spec: InnerSp
         out, stats = fwd({**fixed, **ad}, xs, k, part)
         return task_loss(out, ys, spec.loss), stats
 
+    outs = []  # query predictions after each step, kept only for plots (`spec.keep_outputs`)
+
     def query(p: Tensors, k: int):
         out, stats = fwd(p, xq, k, part)
+        if spec.keep_outputs:
+            outs.append(out.detach())
         loss = task_loss(out, yq, spec.loss)
         acc = accuracy(out, yq) if spec.loss == "ce" else loss.new_zeros(())
         return loss, acc, stats
@@ -170,6 +175,8 @@ def adapt(model: torch.nn.Module, params: Tensors, xs, ys, xq, yq, spec: InnerSp
         aux["loss_steps"] = torch.stack(losses).detach()
         if spec.loss == "ce":
             aux["acc_steps"] = torch.stack(accs).detach()
+        if spec.keep_outputs:
+            aux["out_steps"] = torch.stack(outs)
     if spec.collect_bn:
         aux.update(bn_aux(bn_stats))
     return objective, aux

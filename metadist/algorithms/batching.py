@@ -26,12 +26,10 @@ import torch
 from torch.func import vmap
 
 from metadist.algorithms.adaptation import plain_autograd
-from metadist.algorithms.spec import InnerSpec
+from metadist.algorithms.spec import TASK_PARALLEL, InnerSpec
 from metadist.tasks.episode import Episode
 
 Tensors = dict[str, torch.Tensor]
-
-MODES = ("vmap", "loop")
 
 
 def _add(acc: Tensors | None, new: Tensors) -> Tensors:
@@ -117,7 +115,7 @@ def choose_task_parallel(fn: Callable, model, params: Tensors, batch: Episode, s
     """
     candidates: dict[str, InnerSpec] = {}
     failures: dict[str, Exception] = {}
-    for mode in MODES:
+    for mode in TASK_PARALLEL:
         s = spec.with_(task_parallel=mode)
         try:
             fn(model, params, batch, s)

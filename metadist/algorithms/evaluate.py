@@ -6,7 +6,7 @@ from functools import partial
 
 import torch
 
-from metadist.algorithms.adaptation import Forward, adapt, model_params, step_lr, task_loss
+from metadist.algorithms.adaptation import adapt
 from metadist.algorithms.batching import map_tasks
 from metadist.algorithms.spec import InnerSpec
 from metadist.tasks.episode import Episode
@@ -28,23 +28,16 @@ def adapt_curve(model, params: dict, batch: Episode, spec: InnerSpec) -> dict[st
         return map_tasks(partial(_curve, model, spec), params, batch, spec)
 
 
-def adapted_predictions(model, params: dict, xs: torch.Tensor, ys: torch.Tensor, x: torch.Tensor,
-                        spec: InnerSpec) -> torch.Tensor:
-    """Predictions of one task's model on inputs `x` after 0..spec.steps test-time steps on (xs, ys).
+def adapted_outputs(model, params: dict, batch: Episode, spec: InnerSpec) -> torch.Tensor:
+    """Query predictions of every task of `batch` after 0..spec.steps test-time steps: (T, S+1, *out).
 
-    Returns (steps + 1, *prediction shape). Used to draw adapted fits (MAML paper, Figure 2).
-    """
-    fwd = Forward(model, spec)
-    fast = {k: v.detach() for k, v in model_params(params).items()}
-    preds = []
-    for k in range(spec.steps + 1):
-        with torch.no_grad():
-            preds.append(fwd(fast, x, k)[0])
-        if k == spec.steps:
-            break
-        with torch.enable_grad():
-            leaves = {n: v.requires_grad_() for n, v in ((n, v.clone()) for n, v in fast.items())}
-            loss = task_loss(fwd(leaves, xs, k)[0], ys, spec.loss)
-            grads = torch.autograd.grad(loss, list(leaves.values()))
-        fast = {n: (leaves[n] - step_lr(params, n, k, spec) * g).detach() for n, g in zip(leaves, grads)}
-    return torch.stack(preds)
+    The same adaptation as `adapt_curve` (the evaluation's: head-only for ANIL, learned rates, the
+    BatchNorm mode), with the query set standing for the inputs to predict on (a plot's grid)."""
+    spec = spec.with_(track=True, keep_outputs=True, first_order=True, msl_weights=None)
+    params = {k: v.detach() for k, v in params.items()}
+
+    def outputs(p, xs, ys, xq, yq):
+        return {"out": adapt(model, p, xs, ys, xq, yq, spec)[1]["out_steps"]}
+
+    with torch.no_grad():
+        return map_tasks(outputs, params, batch, spec)["out"]

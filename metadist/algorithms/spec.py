@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+TASK_PARALLEL = ("vmap", "loop")
+
 
 @dataclass(frozen=True)
 class InnerSpec:
@@ -32,13 +34,23 @@ class InnerSpec:
     bn_eval: bool = False
     """Normalise with per-step running statistics (per_step mode at test time)."""
     task_parallel: str = "vmap"
-    """`vmap` or `loop` (`auto` is resolved by the runtime before a spec reaches an algorithm)."""
+    """`vmap` or `loop`. The config's `auto` is resolved once by the runtime (by timing both) before any
+    spec is made, so evaluation runs in the mode training measured faster."""
     chunk: int = 0
     """Tasks per vmap call (0: all)."""
     adapt: str = "all"
     """Parameters adapted in the inner loop: `all`, or `head` (ANIL)."""
     inner_optimizer: str = "sgd"
     """Reptile's inner optimizer, `sgd` or `adam`."""
+    keep_outputs: bool = False
+    """With `track`, also return the query predictions after every inner step (`out_steps`), for plots
+    drawn from exactly the adaptation that evaluation runs."""
+
+    def __post_init__(self) -> None:
+        if self.task_parallel not in TASK_PARALLEL:
+            # Anything else used to run as vmap silently; `auto` must be resolved before specs are made.
+            raise ValueError(f"InnerSpec.task_parallel: got {self.task_parallel!r}; allowed: "
+                             f"{', '.join(TASK_PARALLEL)} (resolve `auto` with the runtime first)")
 
     @property
     def collect_bn(self) -> bool:
@@ -66,8 +78,9 @@ def msl_weights(steps: int, outer_step: int, anneal_steps: int) -> tuple[float, 
     return tuple(w)
 
 
-def make_spec(cfg, outer_step: int = 0, track: bool = False) -> InnerSpec:
-    """The spec for training step `outer_step` of run config `cfg`."""
+def make_spec(cfg, outer_step: int = 0, track: bool = False, task_parallel: str | None = None) -> InnerSpec:
+    """The spec for training step `outer_step` of run config `cfg`. `task_parallel` is the resolved mode
+    when the config says `auto`."""
     algo = cfg.algorithm
     first_order = algo.name == "fomaml" or outer_step < algo.first_order_until
     loss = "mse" if cfg.task.family == "sinusoid" else "ce"
@@ -79,16 +92,16 @@ def make_spec(cfg, outer_step: int = 0, track: bool = False) -> InnerSpec:
         msl_weights=msl_weights(cfg.inner.steps, outer_step, algo.msl_anneal_steps) if algo.msl else None,
         track=track,
         bn=getattr(cfg.model, "bn", "transductive"),
-        task_parallel=algo.task_parallel,
+        task_parallel=task_parallel or algo.task_parallel,
         chunk=algo.chunk,
         adapt="head" if algo.name == "anil" else "all",
         inner_optimizer=algo.reptile_optimizer,
     )
 
 
-def make_eval_spec(cfg, steps: int | None = None) -> InnerSpec:
+def make_eval_spec(cfg, steps: int | None = None, task_parallel: str | None = None) -> InnerSpec:
     """The spec for test-time adaptation: `eval.steps` steps at `eval.lr`, statistics per step."""
-    spec = make_spec(cfg, outer_step=cfg.train.steps, track=True)
+    spec = make_spec(cfg, outer_step=cfg.train.steps, track=True, task_parallel=task_parallel)
     return spec.with_(steps=cfg.eval.steps if steps is None else steps,
                       lr=cfg.eval.lr or cfg.inner.lr, first_order=True, msl_weights=None,
                       bn_eval=spec.bn == "per_step", chunk=cfg.eval.batch,

@@ -1,8 +1,10 @@
 """The driver: the outer loop, the same for every executor.
 
-`Trainer.fit` is the whole outer loop. Each step asks the executor (`runtime.executor`: in-process
+`Trainer.fit` is the whole outer loop: each step asks the executor (`runtime.executor`: in-process
 `local`, or Ray worker actors) for the summed meta-gradients of the meta-batch, divides by the task
-count and takes the outer step. Logging, checkpoints, MLflow and evaluation are named steps around it.
+count and takes the outer step; then every `Callback` whose cadence falls on that step runs (logging,
+validation, checkpoints, and whatever a Tune trial or a test adds). The driver computes everything a run
+records, evaluations and the data of its figures included; the tracker only records what it is handed.
 """
 
 from __future__ import annotations
@@ -10,19 +12,21 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 
+from metadist import plots
 from metadist.algorithms import init_meta_params, make_spec
 from metadist.config import Config, dump_config, from_dict, to_dict
-from metadist.evaluation import evaluate, print_eval
+from metadist.evaluation import evaluate, print_eval, sine_fits
 from metadist.models import build_model
-from metadist.models.conv4 import update_running_stats
 from metadist.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metadist.runtime.errors import TrainingDiverged
 from metadist.runtime.flat import Layout
@@ -47,6 +51,62 @@ def make_executor(cfg: Config, params: dict, console: Console):
     return LocalExecutor(cfg)
 
 
+@dataclass(frozen=True)
+class Every:
+    """A cadence over completed outer steps: every `n` of them (0: never), counted from the first step
+    when `first` (steps 1, n+1, 2n+1, ...) else from the n-th (n, 2n, ...); `last` adds the final step."""
+
+    n: int
+    first: bool = False
+    last: bool = False
+
+    def __call__(self, done: int, total: int) -> bool:
+        if not self.n:
+            return False
+        if self.last and done == total:
+            return True
+        return (done - 1) % self.n == 0 if self.first else done % self.n == 0
+
+
+@dataclass
+class Callback:
+    """`fn(trainer)`, run after each outer step that `every` names, in the order of `Trainer.callbacks`."""
+
+    every: Every
+    fn: Callable[["Trainer"], object]
+
+
+class StepClock:
+    """The one timer of the outer loop. Per step: wall time and the executor's compute and communication
+    shares, averaged over the steps since the last logging record; and the steady-state throughput, with
+    the first `warmup` steps (start-up, Ray's first calls) left out."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.seen = warmup, 0
+        self.steady_steps, self.steady_tasks, self.steady_s = 0, 0, 0.0
+        self._window = [0, 0.0, 0.0, 0.0]  # steps, wall, compute, communication since the last read
+
+    def add(self, tasks: int, wall_s: float, compute_s: float, comm_s: float) -> None:
+        self.seen += 1
+        w = self._window
+        w[0], w[1], w[2], w[3] = w[0] + 1, w[1] + wall_s, w[2] + compute_s, w[3] + comm_s
+        if self.seen > self.warmup:
+            self.steady_steps += 1
+            self.steady_tasks += tasks
+            self.steady_s += wall_s
+
+    def read(self) -> dict:
+        """Mean seconds per step since the last read (then starts a new window), and tasks/s so far."""
+        n, wall, compute, comm = self._window
+        n = max(n, 1)
+        self._window = [0, 0.0, 0.0, 0.0]
+        return {"time_step_s": wall / n, "time_compute_s": compute / n, "time_comm_s": comm / n,
+                "time_driver_s": max(wall - compute - comm, 0.0) / n, "tasks_per_s": self.rate()}
+
+    def rate(self) -> float:
+        return self.steady_tasks / self.steady_s if self.steady_s > 0 else math.nan
+
+
 class Trainer:
     """The driver of one run: the meta-parameters, the outer optimizer, the executor and the tracker."""
 
@@ -68,87 +128,74 @@ class Trainer:
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=cfg.train.steps, eta_min=cfg.outer.min_lr) if cfg.outer.cosine else None)
         self.tasks = build_tasks(cfg)  # evaluation tasks; training tasks are drawn by the executor
+        # `vmap` or `loop` for training and evaluation alike; `auto` is resolved once, at start.
+        self.task_parallel = None if cfg.algorithm.task_parallel == "auto" else cfg.algorithm.task_parallel
         self.step = 0
         self.last_loss = math.nan
         self.history: list[dict] = []
+        self.last_record: dict | None = None  # the metrics of the last outer step that tracked them
+        self.last_validation: dict | None = None
         self.restarts_before = 0  # worker restarts of earlier (resumed-from) segments of this run
         self.run_dir = run_dir or new_run_dir(cfg)
         self.executor = None
         self.resume_data = None  # task stream positions from a checkpoint, applied when the workers start
         self.tracker = tracker
-        self.on_step = None  # test hook: called with the step number after each outer step
-        self.on_validate = None  # called with each validation record (a Tune trial reports it)
+        self.baseline: dict | None = None  # evaluation and parameters before meta-training, for the plots
+        self.clock = StepClock(cfg.train.warmup_steps)
+        t = cfg.train
+        self.log_cadence = Every(t.log_every, first=True, last=True)
+        self.validation_cadence = Every(t.eval_every, last=True)
+        self.callbacks: list[Callback] = [Callback(self.log_cadence, Trainer.log_training),
+                                          Callback(self.validation_cadence, Trainer.validate),
+                                          Callback(Every(t.checkpoint_every), Trainer.save)]
 
     # -- the outer loop ---------------------------------------------------------------------------
     def fit(self, progress: bool = True) -> dict:
-        """Meta-train until `train.steps`, then evaluate; returns the run summary."""
-        cfg = self.cfg
-        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        timer, split = Throughput(cfg.train.warmup_steps), StepTimes()
+        """Meta-train until `train.steps`, then evaluate; returns the run summary. The tracker's run ends
+        FINISHED, or FAILED / KILLED with the error, whatever step raised."""
+        total = self.cfg.train.steps
+        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
         try:
             self.start()
             with self._progress(progress) as bar:
-                task = bar.add_task("meta-train", total=cfg.train.steps, completed=self.step, loss=math.nan)
-                while self.step < cfg.train.steps:
-                    t0 = time.perf_counter()
-                    record = self.train_step(split)
-                    seconds = time.perf_counter() - t0
-                    split.add_total(seconds)
-                    timer.add(cfg.train.meta_batch, seconds)
-                    if record is not None:
-                        self.log({**record, **split.means(), "tasks_per_s": timer.rate(),
-                                  "worker_restarts": self.worker_restarts})
-                        split = StepTimes()
-                    if self._validation_due():
-                        record = self.validate()
-                        self.log(record)
-                        if self.on_validate is not None:
-                            self.on_validate(record)
-                    if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
-                        self.save()
+                task = bar.add_task("meta-train", total=total, completed=self.step, loss=math.nan)
+                while self.step < total:
+                    self.train_step()
+                    for callback in self.callbacks:
+                        if callback.every(self.step, total):
+                            callback.fn(self)
                     bar.update(task, completed=self.step, loss=self.last_loss)
-                    if self.on_step is not None:
-                        self.on_step(self.step)
-            checkpoint = self.save()
-            summary = self.summary(self.evaluate(), timer, checkpoint)
+            return self.finish()
         except BaseException as err:
             if self.tracker is not None:
                 self.tracker.fail(err, diverged=isinstance(err, TrainingDiverged))
             raise
         finally:
             self.close()
-        if self.tracker is not None:
-            self.tracker.finish(self, summary)
-        return summary
 
-    def _validation_due(self) -> bool:
-        # The last step is always validated, so a run's final validation metric is its last step's.
-        every = self.cfg.train.eval_every
-        return bool(every) and (self.step % every == 0 or self.step == self.cfg.train.steps)
-
-    def train_step(self, times: "StepTimes") -> dict | None:
-        """One outer step. Returns the averaged metrics on logging steps, else None."""
+    def train_step(self) -> None:
+        """One outer step; on the steps the logging cadence names, `last_record` holds its metrics."""
         cfg, step = self.cfg, self.step
-        track = step % cfg.train.log_every == 0 or step == cfg.train.steps - 1
+        track = self.log_cadence(step + 1, cfg.train.steps)
         # Pre-adaptation metrics cost a query forward per task: only on the steps that log them.
-        spec = make_spec(cfg, step, track=track).with_(report_before=track)
+        spec = make_spec(cfg, step, track=track, task_parallel=self.task_parallel).with_(report_before=track)
+        start = time.perf_counter()
         result = self.executor.compute(self.params, step, spec, cfg.train.meta_batch)
-        times.add(result.compute_s, result.comm_s)
         sums = result.sums
         n = sums.pop("tasks")
         self.last_loss = (sums["loss_after"] / n).item()
         lr_outer = self.optimizer.param_groups[0]["lr"]  # the rate this step uses, before the schedule moves
         self.outer_step(result.grads, sums, n)
         self.step += 1
-        if not track:
-            return None
-        record = {"step": step, "lr_outer": lr_outer}
-        for k, v in sums.items():
-            if k.startswith("bn_"):
-                continue
-            v = v / n if k != "diverged" else v
-            record[k] = v.tolist() if v.dim() else v.item()
-        return record
+        self.clock.add(cfg.train.meta_batch, time.perf_counter() - start, result.compute_s, result.comm_s)
+        self.last_record = None
+        if track:
+            record = {"step": step, "lr_outer": lr_outer}
+            for k, v in sums.items():
+                if not k.startswith("bn_"):
+                    v = v / n if k != "diverged" else v
+                    record[k] = v.tolist() if v.dim() else v.item()
+            self.last_record = record
 
     def outer_step(self, grads: dict, sums: dict, n: torch.Tensor) -> None:
         """Mean meta-gradient -> outer optimizer step; fold BatchNorm statistics in per_step mode."""
@@ -162,18 +209,110 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         if "bn_mean" in sums:
-            update_running_stats(self.model, sums["bn_mean"].to(self.device) / n,
-                                 sums["bn_var"].to(self.device) / n, self.cfg.model.bn_momentum)
+            self.model.update_running_stats(sums["bn_mean"].to(self.device) / n,
+                                            sums["bn_var"].to(self.device) / n, self.cfg.model.bn_momentum)
+
+    # -- the callbacks' steps ---------------------------------------------------------------------
+    def log_training(self) -> None:
+        """Log the last tracked step's metrics with the time per step since the previous record."""
+        self.log({**self.last_record, **self.clock.read(), "worker_restarts": self.worker_restarts})
+
+    def validate(self) -> dict:
+        """Log and return a record of the metric after 0..eval.steps test-time steps on the fixed
+        val-split tasks (`eval.val_episodes`)."""
+        report = self.report(episodes=self.cfg.eval.val_episodes, split="val")
+        name = report["metric"]
+        record = {"step": self.step - 1, f"val_{name}": report["rows"][-1]["mean"]}
+        record.update({f"val_{name}_{r['steps']}": r["mean"] for r in report["rows"]})
+        self.log(record)
+        self.last_validation = record
+        return record
+
+    def save(self) -> Path:
+        """Write the checkpoint (atomically) and hand it to the tracker."""
+        path = save_checkpoint(self.run_dir / "checkpoint.pt", self.state())
+        if self.tracker is not None:
+            self.tracker.checkpoint_saved(path)
+        return path
 
     # -- around the loop ----------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the executor (Ray workers) and the tracker's run, unless already started."""
+        """Start the executor (Ray workers), resolve `auto`, and open the tracker's run."""
         if self.executor is None:
             self.executor = make_executor(self.cfg, self.params, self.console)
             if self.resume_data and any(s is not None for s in self.resume_data):
                 self.executor.load_data_state(self.resume_data)
+        self.resolve_task_parallel()
         if self.tracker is not None:
-            self.tracker.start(self)
+            info = self.executor.describe()
+            system = {"ray_version": info.get("ray_version", "-"), "workers": str(info["workers"]),
+                      "device_kinds": ",".join(info["devices"]), "torch_version": torch.__version__,
+                      "task_parallel": self.task_parallel}
+            self.tracker.start(self.run_dir, system, self.datasets())
+            self.baseline = self._baseline()
+
+    def resolve_task_parallel(self) -> str:
+        """The run's `vmap` or `loop`: the config's, else (`auto`) whichever the executor measured faster
+        on the first batch; without a started executor an in-process one measures it."""
+        if self.task_parallel is None:
+            spec = make_spec(self.cfg, self.step, task_parallel="vmap")
+            executor = self.executor or LocalExecutor(self.cfg)
+            self.task_parallel = executor.choose_task_parallel(self.params, self.step, spec,
+                                                               self.cfg.train.meta_batch)
+            if executor is not self.executor:
+                executor.close()
+        return self.task_parallel
+
+    def datasets(self) -> list[dict]:
+        """The task sources this run reads, one per split used: training, validation, evaluation."""
+        splits = ["train"] + (["val"] if self.cfg.train.eval_every else []) + [self.cfg.eval.split]
+        return [self.tasks.dataset(split) for split in dict.fromkeys(splits)]
+
+    def _baseline(self) -> dict | None:
+        # The "before meta-training" side of the plots: the initial parameters and their evaluation, kept
+        # in the run folder so that a resumed run draws the same curves.
+        path, init_path = self.run_dir / "eval_initial.json", self.run_dir / "params_initial.pt"
+        if path.exists() and init_path.exists():
+            return {"report": json.loads(path.read_text()), "params": torch.load(init_path, weights_only=True)}
+        if self.step != 0:
+            return None  # resumed without a baseline: the plots show the meta-trained run alone
+        params = {k: v.detach().clone() for k, v in self.params.items()}
+        torch.save(params, init_path)
+        report = self.report()
+        path.write_text(json.dumps(report, indent=2))
+        return {"report": report, "params": params}
+
+    def finish(self) -> dict:
+        """The final checkpoint and evaluation; the summary; and, with a tracker, the run's record:
+        metrics, files and figures, all computed here."""
+        checkpoint = self.save()
+        summary = self.summary(self.evaluate(), checkpoint)
+        if self.tracker is not None:
+            model_path = self.run_dir / "model.pt"
+            torch.save({"config": to_dict(self.cfg), "params": {k: v.detach().cpu() for k, v in self.params.items()},
+                        "buffers": {k: v.cpu() for k, v in self.model.named_buffers()}}, model_path)
+            files = {name: self.run_dir / name for name in ("eval.json", "metrics.jsonl")}
+            self.tracker.finish(self.step, summary["eval"], files=files, model=model_path,
+                                figures=self.figures(summary["eval"]),
+                                tasks_per_s=summary["throughput"]["tasks_per_s"])
+        return summary
+
+    def figures(self, report: dict) -> dict:
+        """The run's plots as matplotlib figures, keyed by artifact path."""
+        name, base = self.cfg.name, self.baseline
+        out = {}
+        history = read_history(self.run_dir)
+        if history:
+            out["plots/training_curve.png"] = plots.training_curve(history, name)
+        reports = {"before meta-training": base["report"]} if base else {}
+        out["plots/adaptation_curve.png"] = plots.adaptation_curve({**reports, "after meta-training": report}, name)
+        if self.cfg.task.family == "sinusoid":
+            sets = {"before meta-training": base["params"]} if base else {}
+            sets["after meta-training"] = self.params
+            fits = {label: sine_fits(self.model, params, self.cfg, self.tasks, task_parallel=self.task_parallel,
+                                     n_tasks=self.cfg.tracking.plot_tasks) for label, params in sets.items()}
+            out["plots/sine_fits.png"] = plots.sine_fits(fits)
+        return out
 
     def close(self) -> None:
         """Stop the executor's workers (a Ray instance this run started goes with them)."""
@@ -208,19 +347,14 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "torch_rng": torch.get_rng_state(),
             # Procedural tasks are a pure function of (seed, step, index): the step is their cursor.
-            "data_cursor": {"next_step": self.step, "workers": self._data_state()},
+            "data_cursor": {"workers": self._data_state()},
+            "task_parallel": self.task_parallel,
             "worker_restarts": self.worker_restarts,
             "mlflow_run_id": getattr(self.tracker, "run_id", None),
         }
 
-    def save(self) -> Path:
-        path = save_checkpoint(self.run_dir / "checkpoint.pt", self.state())
-        if self.tracker is not None:
-            self.tracker.checkpoint_saved(path, self.step)
-        return path
-
     def load_state(self, state: dict) -> None:
-        """Continue from a checkpoint's state (same config)."""
+        """Continue from a checkpoint's state (same config). Nothing in the run folder is changed."""
         for k, v in state["params"].items():
             self.params[k].copy_(v)
         self.model.load_state_dict({**self.model.state_dict(), **state["buffers"]}, strict=False)
@@ -229,47 +363,36 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         self.step = state["step"]
+        self.task_parallel = self.task_parallel or state.get("task_parallel")
         self.restarts_before = state.get("worker_restarts", 0)
         self.resume_data = state.get("data_cursor", {}).get("workers")
-        # Records a crashed run logged after this checkpoint are recomputed: drop them.
-        log = self.run_dir / "metrics.jsonl"
-        if log.exists():
-            lines = [line for line in log.read_text().splitlines() if line.strip()]
-            kept = [line for line in lines if json.loads(line)["step"] < self.step]
-            if len(kept) < len(lines):  # evaluating a finished run's checkpoint leaves its log alone
-                log.write_text("".join(line + "\n" for line in kept))
 
-    def validate(self) -> dict:
-        """A record of the metric after 0..eval.steps test-time steps on the fixed val-split tasks."""
-        report = evaluate(self.model, self.params, self.cfg, self.tasks,
-                          episodes=self.cfg.eval.val_episodes, split="val")
-        name = report["metric"]
-        record = {"step": self.step - 1, f"val_{name}": report["rows"][-1]["mean"]}
-        record.update({f"val_{name}_{r['steps']}": r["mean"] for r in report["rows"]})
-        return record
+    def report(self, episodes: int | None = None, steps: int | None = None, split: str | None = None) -> dict:
+        """The evaluation report of the current parameters on the fixed tasks of `split` (eval.split)."""
+        return evaluate(self.model, self.params, self.cfg, self.tasks, task_parallel=self.resolve_task_parallel(),
+                        episodes=episodes, steps=steps, split=split)
 
     def evaluate(self, episodes: int | None = None, steps: int | None = None) -> dict:
-        report = evaluate(self.model, self.params, self.cfg, self.tasks, episodes=episodes, steps=steps)
+        """The final evaluation: the report, written to eval.json and printed."""
+        report = self.report(episodes=episodes, steps=steps)
         (self.run_dir / "eval.json").write_text(json.dumps(report, indent=2))
         print_eval(report, title=self.cfg.name, console=self.console)
         return report
 
-    def summary(self, report: dict, timer: "Throughput", checkpoint: Path) -> dict:
+    def summary(self, report: dict, checkpoint: Path) -> dict:
         final: dict = {}
         for record in self.history:  # the latest value of every key: training and validation records
             final.update(record)
         info = self.executor.describe() if self.executor is not None else {}
-        modes = sorted({w["task_parallel"] for w in info.get("workers_info", [])})
         return {
             "config": to_dict(self.cfg),
             "metrics": {k: v for k, v in final.items() if not isinstance(v, list)},
-            "throughput": {"tasks_per_s": timer.rate(), "steps_timed": timer.steps,
-                           "task_parallel": "/".join(modes) or self.cfg.algorithm.task_parallel},
+            "throughput": {"tasks_per_s": self.clock.rate(), "steps_timed": self.clock.steady_steps,
+                           "task_parallel": self.task_parallel},
             "eval": report,
             "checkpoint": str(checkpoint),
             "run_dir": str(self.run_dir),
-            "runtime": {k: v for k, v in info.items() if k != "workers_info"} | {
-                "worker_restarts": self.worker_restarts},
+            "runtime": info | {"worker_restarts": self.worker_restarts},
         }
 
     def _progress(self, enabled: bool) -> Progress:
@@ -279,42 +402,12 @@ class Trainer:
                         refresh_per_second=4)
 
 
-class StepTimes:
-    """Where the time of the steps since the last log went: inner loops, transfers, the driver."""
-
-    def __init__(self):
-        self.n, self.compute, self.comm, self.total = 0, 0.0, 0.0, 0.0
-
-    def add(self, compute_s: float, comm_s: float) -> None:
-        self.n += 1
-        self.compute += compute_s
-        self.comm += comm_s
-
-    def add_total(self, seconds: float) -> None:
-        self.total += seconds
-
-    def means(self) -> dict:
-        n = max(self.n, 1)
-        return {"time_step_s": self.total / n, "time_compute_s": self.compute / n,
-                "time_comm_s": self.comm / n,
-                "time_driver_s": max(self.total - self.compute - self.comm, 0.0) / n}
-
-
-class Throughput:
-    """Steady-state tasks/s: the first `warmup` steps (start-up, auto-selection) are left out."""
-
-    def __init__(self, warmup: int):
-        self.warmup, self.seen, self.steps, self.tasks, self.seconds = warmup, 0, 0, 0, 0.0
-
-    def add(self, tasks: int, seconds: float) -> None:
-        self.seen += 1
-        if self.seen > self.warmup:
-            self.steps += 1
-            self.tasks += tasks
-            self.seconds += seconds
-
-    def rate(self) -> float:
-        return self.tasks / self.seconds if self.seconds > 0 else math.nan
+def read_history(run_dir: Path) -> list[dict]:
+    """The records of `metrics.jsonl`: every segment of a resumed run, not only this process's."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def resume_trainer(target: str | Path, console: Console | None = None) -> Trainer:
@@ -336,17 +429,27 @@ def resume_trainer(target: str | Path, console: Console | None = None) -> Traine
         tracker = Tracker(cfg, run_id=state.get("mlflow_run_id"))
     trainer = Trainer(cfg, run_dir=run_dir, console=console, tracker=tracker)
     trainer.load_state(state)
+    _drop_records_after(run_dir / "metrics.jsonl", trainer.step)
     return trainer
 
 
+def _drop_records_after(log: Path, step: int) -> None:
+    # Records a crashed run logged after its checkpoint are computed again by the resumed run.
+    if log.exists():
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line)["step"] < step]
+        if len(kept) < len(lines):
+            log.write_text("".join(line + "\n" for line in kept))
+
+
 def evaluate_checkpoint(path, episodes=None, steps=None, console: Console | None = None) -> dict:
-    """Load a checkpoint and evaluate it on its config's fixed tasks."""
+    """Load a checkpoint and evaluate it on its config's fixed tasks; the run it came from is left as it is."""
     state = load_checkpoint(path)
     cfg = from_dict(state["config"])
     trainer = Trainer(cfg, run_dir=Path(path).parent if Path(path).is_file() else Path(path),
                       console=console)
     trainer.load_state(state)
-    report = evaluate(trainer.model, trainer.params, cfg, trainer.tasks, episodes=episodes, steps=steps)
+    report = trainer.report(episodes=episodes, steps=steps)
     print_eval(report, title=f"{cfg.name} (step {trainer.step})", console=trainer.console)
     return {"config": to_dict(cfg), "metrics": {"step": trainer.step}, "eval": report,
             "checkpoint": str(path)}

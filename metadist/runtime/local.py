@@ -70,16 +70,28 @@ class TaskShard:
             p.requires_grad_(False)
         self.algorithm = ALGORITHMS[cfg.algorithm.name]
         self.tasks = build_tasks(cfg, rank, world)
-        self.task_parallel = cfg.algorithm.task_parallel
+        self._drawn = None  # (step, indices, batch) drawn to time `auto`, reused by that step's compute
+
+    def _batch(self, step: int, indices: range):
+        if self._drawn is not None and self._drawn[:2] == (step, indices):
+            batch, self._drawn = self._drawn[2], None
+            return batch
+        cfg = self.cfg
+        return self.tasks.sample(step, indices, cfg.task.shots, cfg.task.query).to(self.device)
+
+    def choose_task_parallel(self, params: Tensors, step: int, spec: InnerSpec, indices: range) -> str:
+        """`vmap` or `loop`, whichever computes this shard's tasks of `step` faster on this device (the
+        config's `auto`). The tasks drawn for it are kept for that step, so a stream moves on as usual."""
+        batch = self._batch(step, indices)
+        self._drawn = (step, indices, batch)
+        params = {k: v.to(self.device) for k, v in params.items()}
+        return batching.choose_task_parallel(self.algorithm, self.model, params, batch, spec)
 
     def compute(self, params: Tensors, step: int, spec: InnerSpec, indices: range) -> tuple[Tensors, Tensors]:
         """Summed meta-gradients and metrics of tasks `indices` of outer step `step`."""
-        cfg = self.cfg
-        batch = self.tasks.sample(step, indices, cfg.task.shots, cfg.task.query).to(self.device)
+        batch = self._batch(step, indices)
         params = {k: v.to(self.device) for k, v in params.items()}
-        if self.task_parallel == "auto":
-            self.task_parallel = batching.choose_task_parallel(self.algorithm, self.model, params, batch, spec)
-        return self.algorithm(self.model, params, batch, spec.with_(task_parallel=self.task_parallel))
+        return self.algorithm(self.model, params, batch, spec)
 
     def data_state(self):
         """The task stream's position (None for procedural tasks, whose position is the step)."""
@@ -91,7 +103,7 @@ class TaskShard:
 
     def describe(self) -> dict:
         return {"device": self.device.type if self.device.type == "cpu" else torch.cuda.get_device_name(self.device),
-                "threads": torch.get_num_threads(), "task_parallel": self.task_parallel}
+                "threads": torch.get_num_threads()}
 
 
 class LocalExecutor:
@@ -100,6 +112,9 @@ class LocalExecutor:
     def __init__(self, cfg: Config):
         self.shard = TaskShard(cfg)
         self.restarts = 0
+
+    def choose_task_parallel(self, params: Tensors, step: int, spec: InnerSpec, tasks: int) -> str:
+        return self.shard.choose_task_parallel(params, step, spec, range(tasks))
 
     def compute(self, params: Tensors, step: int, spec: InnerSpec, tasks: int) -> StepResult:
         start = time.perf_counter()
@@ -113,7 +128,7 @@ class LocalExecutor:
         self.shard.load_data_state(states[0])
 
     def describe(self) -> dict:
-        return {"executor": "local", "workers": 1, "workers_info": [self.shard.describe()]}
+        return {"executor": "local", "workers": 1, "devices": [self.shard.describe()["device"]]}
 
     def close(self) -> None:
         pass

@@ -53,6 +53,9 @@ class MetaWorker:
         flat = self.layout.flatten(grads).cpu()  # .cpu() waits for an accelerator's kernels
         return flat, {k: v.cpu() for k, v in sums.items()}, time.perf_counter() - start, self.shard.data_state()
 
+    def choose_task_parallel(self, flat_params: torch.Tensor, step: int, spec: InnerSpec, indices: range) -> str:
+        return self.shard.choose_task_parallel(self.layout.unflatten(flat_params), step, spec, indices)
+
     def load_data_state(self, state) -> None:
         self.shard.load_data_state(state)
 
@@ -177,6 +180,13 @@ class RayExecutor:
         self.infos[rank] = ray.get(self.actors[rank].info.remote())
 
     # -- one step -------------------------------------------------------------------------------
+    def choose_task_parallel(self, params: Tensors, step: int, spec: InnerSpec, tasks: int) -> str:
+        """`auto`, resolved once for the run: worker 0 times both modes on its share of step `step`, on
+        its own device, and every worker then runs the mode it chose."""
+        share = split_tasks(tasks, len(self.actors))[0]
+        return ray.get(self.actors[0].choose_task_parallel.remote(self.layout.flatten(params).cpu(), step,
+                                                                   spec, share))
+
     def compute(self, params: Tensors, step: int, spec: InnerSpec, tasks: int) -> StepResult:
         start = time.perf_counter()
         ref = ray.put(self.layout.flatten(params).cpu())  # once per step, shared by every worker
@@ -220,13 +230,8 @@ class RayExecutor:
 
     def describe(self) -> dict:
         infos = self.infos
-        try:  # the task_parallel each worker chose is known after its first step
-            infos = ray.get([a.info.remote() for a in self.actors], timeout=30)
-        except Exception:
-            pass
         return {"executor": "ray", "workers": len(self.actors), "ray_version": ray.__version__,
-                "devices": sorted({i["device"] for i in infos}), "nodes": len({i["node"] for i in infos}),
-                "workers_info": infos}
+                "devices": sorted({i["device"] for i in infos}), "nodes": len({i["node"] for i in infos})}
 
     def close(self) -> None:
         """Stop the workers, free their placement group, and stop Ray if this executor started it."""

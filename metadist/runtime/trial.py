@@ -25,7 +25,7 @@ from ray import tune
 from rich.console import Console
 
 from metadist.runtime.checkpoint import load_checkpoint
-from metadist.runtime.driver import Trainer
+from metadist.runtime.driver import Callback, Trainer
 from metadist.runtime.errors import TrainingDiverged
 from metadist.sweep import SweepPlan, short_names
 from metadist.tracking import Tracker
@@ -75,8 +75,8 @@ def run_trial(config: dict, context: TrialContext) -> None:
         trainer.load_state(state)
     metric = context.plan.metric
 
-    def report(record: dict) -> None:
-        value = record.get(metric)
+    def report(trainer: Trainer) -> None:
+        value = trainer.last_validation.get(metric)
         if isinstance(value, float) and not math.isfinite(value):
             # Every validation task blew up (a huge inner lr, at test time) while the meta-loss stayed finite.
             raise TrainingDiverged(f"{metric} is not finite at step {trainer.step}: every validation task "
@@ -89,7 +89,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
             tune.report(_finite(_metrics(trainer, "running")),
                         checkpoint=tune.Checkpoint.from_directory(folder))
 
-    trainer.on_validate = report
+    trainer.callbacks.append(Callback(trainer.validation_cadence, report))  # after each validation
     try:
         summary = trainer.fit(progress=False)
     except TrainingDiverged as err:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 from metadist.data.manifest import Manifest
 from metadist.data.sampler import StreamingEpisodes, fixed_episodes
+from metadist.tasks.describe import digest
 from metadist.tasks.episode import Episode
 
 
@@ -35,3 +38,15 @@ class FewShotTasks:
 
     def load_state(self, state: dict) -> None:
         self.stream.load_state(state)
+
+    def dataset(self, split: str) -> dict:
+        """The dataset's description for the run record: its name, the split, and a digest of the split's
+        shards (their SHA-256 from shards.parquet), so two runs on the same files show the same digest."""
+        m = self.manifest
+        shards = sorted((s, h) for s, h, sp in zip(m.shards["shard"], m.shards["sha256"], m.shards["split"])
+                        if sp == split)
+        counts = m.class_counts(split)
+        profile = {"classes": len(counts), "images": sum(counts.values()), "shards": len(shards),
+                   "image_size": m.image_size, "channels": m.channels}
+        return {"name": m.root.rstrip("/").rsplit("/", 1)[-1], "split": split, "digest": digest(shards),
+                "source_type": "webdataset", "source": m.root, "profile": json.dumps(profile)}

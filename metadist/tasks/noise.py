@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from metadist.tasks.episode import Episode
+from metadist.tasks.describe import procedural
 from metadist.tasks.sinusoid import task_seed
 
 
@@ -37,3 +38,7 @@ class NoiseImageTasks:
 
     def fixed(self, split: str, n: int, shots: int, query: int) -> Episode:
         return self.episodes(split, -1, range(n), shots, query)
+
+    def dataset(self, split: str) -> dict:
+        """This task source's description for the run record (`metadist.tasks.describe`)."""
+        return procedural("noise", split, {"seed": self.seed, "ways": self.ways, "shape": list(self.shape)})

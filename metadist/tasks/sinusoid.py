@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from metadist.tasks.describe import procedural
+
 from metadist.tasks.episode import Episode
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -100,3 +102,8 @@ class SinusoidTasks:
         """The fixed evaluation list for `split`: the same n tasks for every run with this seed."""
         # Step -1 is never a training step, so evaluation tasks cannot coincide with training ones.
         return self.episodes(split, -1, range(n), shots, query)
+
+    def dataset(self, split: str) -> dict:
+        """This task source's description for the run record (`metadist.tasks.describe`)."""
+        return procedural("sinusoid", split, {"seed": self.seed, "amplitude": list(self.amplitude),
+                                              "phase": list(self.phase), "x_range": list(self.x_range)})

@@ -13,7 +13,7 @@ from metadist.config import load_config
 from metadist.data.synth import synth_dataset
 from metadist.runtime.driver import Trainer
 
-from ..conftest import ROOT
+from ..conftest import ROOT, crash_at
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +66,8 @@ def test_resumed_image_run_continues_each_workers_stream(synth, tmp_path, local_
     clean = Trainer(cfg)
     clean.fit(progress=False)
 
-    def crash(step):
-        if step == 8:
-            raise KeyboardInterrupt
-
     crashed = Trainer(cfg)
-    crashed.on_step = crash
+    crash_at(crashed, 8)  # the driver dies after this step
     with pytest.raises(KeyboardInterrupt):
         crashed.fit(progress=False)
     resumed = resume_trainer(crashed.run_dir)

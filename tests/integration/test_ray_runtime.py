@@ -11,6 +11,8 @@ import torch
 
 from metadist.runtime.driver import Trainer, resume_trainer
 
+from ..conftest import crash_at
+
 # Fractional CPUs so that three workers fit on the 2-CPU test cluster; one torch thread each.
 RAY = ["runtime.executor=ray", "runtime.cpus_per_worker=0.5", "runtime.threads=1"]
 
@@ -72,12 +74,8 @@ def test_crashed_run_resumes_bit_identically(local_ray, sine_debug):
     cfg = sine_debug("train.steps=30", "train.checkpoint_every=10", "eval.episodes=10", *RAY, "runtime.workers=2")
     whole, whole_summary = _fit(cfg)
 
-    def crash(step):
-        if step == 25:
-            raise KeyboardInterrupt  # the driver dies after step 25; the last checkpoint is step 20
-
     crashed = Trainer(cfg)
-    crashed.on_step = crash
+    crash_at(crashed, 25)  # the driver dies after this step
     with pytest.raises(KeyboardInterrupt):
         crashed.fit(progress=False)
     resumed = resume_trainer(crashed.run_dir)

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from metadist.cli import app
 
-from ..conftest import ROOT
+from ..conftest import ROOT, crash_at
 
 
 def _artifacts(client, run_id, path=None):
@@ -37,18 +37,34 @@ def test_a_finished_run_is_readable_through_mlflow(tmp_path, mlflow_store):
     assert run.data.tags["system.workers"] == "1" and run.data.tags["system.device_kinds"] == "cpu"
     assert run.data.tags["metadist.run_dir"] == summary["run_dir"]
 
-    history = client.get_metric_history(run.info.run_id, "meta_loss")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the model-training view
+
+    history = client.get_metric_history(run.info.run_id, "train/loss_after")
     assert [m.step for m in history] == [0, 10, 20, 29]
-    for key in ("loss_before", "loss_after", "tasks_per_s", "time_compute_s", "time_comm_s",
-                "time_driver_s", "worker_restarts"):
+    for key in ("train/loss_before", "time/tasks_per_s", "time/compute_s", "time/comm_s", "time/driver_s",
+                "time/step_s", "runtime/worker_restarts", "train/lr_outer"):
         assert client.get_metric_history(run.info.run_id, key), key
     final = run.data.metrics
-    assert abs(final["eval_mse_1"] - summary["eval"]["rows"][1]["mean"]) < 1e-9
-    assert "eval_mse_10_ci95" in final
+    # Every metric sits in a section; the evaluation rows are a table, not 20 flat metrics.
+    assert {k.split("/")[0] for k in final} <= {"train", "val", "time", "runtime", "test"}, sorted(final)
+    assert not any(k.startswith("eval_") for k in final)
+    # The headline: one name for every task family, the metric after eval.steps steps, its CI beside it.
+    assert abs(final["test/metric"] - summary["eval"]["rows"][-1]["mean"]) < 1e-9
+    assert abs(final["test/metric_ci95"] - summary["eval"]["rows"][-1]["ci95"]) < 1e-9
+    assert run.data.tags["metadist.metric"].startswith("mse after 10 test-time steps on 20 test tasks")
+
+    (train_input, test_input) = run.inputs.dataset_inputs
+    assert [i.tags[0].value for i in (train_input, test_input)] == ["train", "test"]
+    assert train_input.dataset.name == "sinusoid" and train_input.dataset.source_type == "procedural"
+    assert json.loads(train_input.dataset.profile)["amplitude"] == [0.1, 5.0]
+    assert train_input.dataset.digest and train_input.dataset.digest != test_input.dataset.digest  # other seeds
 
     files = set(_artifacts(client, run.info.run_id))
-    assert {"config.yaml", "eval.json", "metrics.jsonl", "checkpoints/checkpoint.pt", "model/model.pt",
-            "plots/training_curve.png", "plots/adaptation_curve.png", "plots/sine_fits.png"} <= files
+    assert {"config.yaml", "eval.json", "eval_table.json", "metrics.jsonl", "checkpoints/checkpoint.pt",
+            "model/model.pt", "plots/training_curve.png", "plots/adaptation_curve.png",
+            "plots/sine_fits.png"} <= files
+    table = json.loads(open(client.download_artifacts(run.info.run_id, "eval_table.json", str(tmp_path))).read())
+    assert table["columns"][:2] == ["steps", "mean"] and len(table["data"]) == 11
     png = client.download_artifacts(run.info.run_id, "plots/sine_fits.png", str(tmp_path))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -64,12 +80,8 @@ def test_resume_by_mlflow_run_id_continues_the_same_run(tmp_path, sine_debug, ml
     whole = Trainer(cfg)
     whole.fit(progress=False)
 
-    def crash(step):
-        if step == 15:
-            raise KeyboardInterrupt
-
     crashed = Trainer(cfg, tracker=Tracker(cfg))
-    crashed.on_step = crash
+    crash_at(crashed, 15)  # the driver dies after this step
     with pytest.raises(KeyboardInterrupt):
         crashed.fit(progress=False)
     run_id = crashed.tracker.run_id
@@ -82,7 +94,7 @@ def test_resume_by_mlflow_run_id_continues_the_same_run(tmp_path, sine_debug, ml
     assert all(torch.equal(resumed.params[k], whole.params[k]) for k in whole.params)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(run_id, "meta_loss")]
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss_after")]
     assert steps[-1] == 29 and 10 in steps
 
 

@@ -17,6 +17,7 @@ from torch.func import functional_call
 from metadist.algorithms import (ALGORITHMS, adapt_curve, init_meta_params, make_eval_spec, make_spec,
                                  msl_weights)
 from metadist.algorithms.adaptation import adapt
+from metadist.algorithms.spec import InnerSpec
 from metadist.config import from_dict
 from metadist.models import build_model
 from metadist.models.mlp import MLP
@@ -31,14 +32,16 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 # ---------------------------------------------------------------------------------------------- helpers
 
+# The runtime resolves `auto` before specs are made; these call the algorithms directly, so pin the mode.
 def sine_cfg(*overrides: str):
-    return from_dict({"model": {"hidden": [4, 4]}, "inner": {"lr": 0.02, "steps": 1}}, list(overrides))
+    return from_dict({"model": {"hidden": [4, 4]}, "inner": {"lr": 0.02, "steps": 1},
+                      "algorithm": {"task_parallel": "vmap"}}, list(overrides))
 
 
 def conv_cfg(*overrides: str):
     return from_dict({"task": {"family": "fewshot", "ways": 3, "shots": 2, "query": 2},
                       "model": {"name": "conv4", "filters": 4, "channels": 1, "image_size": 16},
-                      "inner": {"lr": 0.1, "steps": 1}}, list(overrides))
+                      "inner": {"lr": 0.1, "steps": 1}, "algorithm": {"task_parallel": "vmap"}}, list(overrides))
 
 
 def tiny_mlp(seed: int = 0) -> MLP:
@@ -630,7 +633,8 @@ def test_adapt_curve_classification_accuracy_matches_torch_sgd():
 # ----------------------------------------------------------------------- task_parallel: auto, metrics
 
 def test_choose_task_parallel_returns_the_faster_mode():
-    from metadist.algorithms.batching import MODES, choose_task_parallel
+    from metadist.algorithms.batching import choose_task_parallel
+    from metadist.algorithms.spec import TASK_PARALLEL
 
     model, batch = tiny_mlp(), sine_batch(3)
     cfg = sine_cfg()
@@ -648,7 +652,34 @@ def test_choose_task_parallel_returns_the_faster_mode():
     assert choose_task_parallel(timed, model, params, batch, make_spec(cfg), repeats=2) == "vmap"
     # One warm-up per mode, then the timed calls alternate.
     assert calls == ["vmap", "loop", "vmap", "loop", "vmap", "loop"]
-    assert set(calls) == set(MODES)
+    assert set(calls) == set(TASK_PARALLEL)
+
+
+@pytest.mark.parametrize("mode", ["auto", "vmapp", ""])
+def test_a_spec_takes_only_a_resolved_mode(mode):
+    # `auto` (or a typo) used to reach the batching layer and run as vmap without a word.
+    with pytest.raises(ValueError, match="task_parallel.*allowed: vmap, loop"):
+        InnerSpec(task_parallel=mode)
+    with pytest.raises(ValueError, match="resolve `auto`"):
+        make_spec(sine_cfg("algorithm.task_parallel=auto"))
+    assert make_spec(sine_cfg("algorithm.task_parallel=auto"), task_parallel="loop").task_parallel == "loop"
+
+
+@pytest.mark.parametrize("name", ["maml", "anil", "metasgd"])
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_plotted_fits_adapt_exactly_as_evaluation_does(name, mode):
+    # The fit plot's predictions come from the evaluation's own adaptation: for ANIL the body stays
+    # fixed (the plot used to adapt every parameter), for Meta-SGD the learned rates are used.
+    from metadist.algorithms.evaluate import adapted_outputs
+
+    model, batch = tiny_mlp(), sine_batch(3)
+    cfg, params = _params_for(model, name)
+    params = {k: v + 0.3 * torch.randn_like(v) if "/" not in k else v for k, v in params.items()}
+    spec = make_eval_spec(cfg, steps=3, task_parallel=mode)
+    outs = adapted_outputs(model, params, batch, spec)
+    assert outs.shape == (3, 4, *batch.yq.shape[1:])
+    mse = ((outs - batch.yq.unsqueeze(1)) ** 2).mean(dim=(-2, -1))
+    torch.testing.assert_close(mse, adapt_curve(model, params, batch, spec)["loss"], **TIGHT)
 
 
 def test_choose_task_parallel_skips_a_mode_that_fails():

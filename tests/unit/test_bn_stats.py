@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from metadist.algorithms import ALGORITHMS, InnerSpec
-from metadist.models.conv4 import Conv4, MetaBatchNorm2d, update_running_stats
+from metadist.models.conv4 import Conv4, MetaBatchNorm2d
 from metadist.tasks.episode import Episode
 
 
@@ -43,10 +43,10 @@ def test_running_rows_past_the_trained_ones_take_the_last_trained_row():
     model = Conv4(ways=3, channels=1, filters=4, image_size=16, bn_steps=6)
     mean = torch.arange(2 * 4 * 4, dtype=torch.float32).view(2, 4, 4)
     var = torch.full((2, 4, 4), 3.0)
-    update_running_stats(model, mean, var, momentum=1.0)
+    model.update_running_stats(mean, var, momentum=1.0)
     norm = next(m for m in model.modules() if isinstance(m, MetaBatchNorm2d))
     assert torch.equal(norm.running_mean[0], mean[0, 0])
     assert all(torch.equal(norm.running_mean[k], mean[1, 0]) for k in range(1, 6))
     assert torch.equal(norm.running_var, torch.full((6, 4), 3.0))
-    update_running_stats(model, mean * 0, var, momentum=0.5)  # momentum blends towards the new rows
+    model.update_running_stats(mean * 0, var, momentum=0.5)  # momentum blends towards the new rows
     assert torch.equal(norm.running_mean[1], mean[1, 0] * 0.5)

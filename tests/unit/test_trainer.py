@@ -106,3 +106,67 @@ def test_validation_on_a_schedule_uses_the_val_split(sine_debug):
     assert summary["metrics"]["val_mse"] == val[-1]["val_mse"] and "loss_after" in summary["metrics"]
     # The val tasks are not the test tasks the final evaluation uses.
     assert val[-1]["val_mse_3"] != summary["eval"]["rows"][3]["mean"]
+
+
+def test_evaluating_a_checkpoint_leaves_its_run_as_it_was(sine_debug):
+    # `metadist eval` on a mid-run checkpoint used to cut the run's metrics.jsonl back to that step.
+    trainer, _ = _fit(sine_debug("train.checkpoint_every=20"))
+    mid = trainer.run_dir / "mid.pt"
+    half = Trainer(sine_debug("train.checkpoint_every=20"))
+    half.cfg.train.steps = 20
+    half.fit(progress=False)
+    (half.run_dir / "checkpoint.pt").rename(mid)
+    before = {p.name: p.read_bytes() for p in trainer.run_dir.iterdir() if p.is_file()}
+    evaluate_checkpoint(mid, episodes=5, steps=1)
+    after = {p.name: p.read_bytes() for p in trainer.run_dir.iterdir() if p.is_file()}
+    assert after == before and len(before["metrics.jsonl"].splitlines()) == 5
+
+
+def test_auto_is_resolved_once_for_training_and_evaluation(sine_debug, monkeypatch):
+    from metadist.algorithms import batching
+
+    calls = []
+    real = batching.choose_task_parallel
+
+    def counted(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(batching, "choose_task_parallel", counted)
+    trainer, summary = _fit(sine_debug("algorithm.task_parallel=auto"))
+    assert len(calls) == 1 and trainer.task_parallel in ("vmap", "loop")
+    assert summary["throughput"]["task_parallel"] == trainer.task_parallel
+    assert load_checkpoint(summary["checkpoint"])["task_parallel"] == trainer.task_parallel
+    again = evaluate_checkpoint(summary["checkpoint"])  # the run's mode, not a new measurement
+    assert len(calls) == 1 and again["eval"]["rows"] == summary["eval"]["rows"]
+
+
+def test_callbacks_run_on_their_cadence(sine_debug):
+    from metadist.runtime.driver import Callback, Every
+
+    assert [s for s in range(1, 41) if Every(10, first=True, last=True)(s, 40)] == [1, 11, 21, 31, 40]
+    assert [s for s in range(1, 41) if Every(15, last=True)(s, 40)] == [15, 30, 40]
+    assert not any(Every(0, last=True)(s, 40) for s in range(1, 41))
+    trainer = Trainer(sine_debug("train.eval_every=15"))
+    seen = []
+    trainer.callbacks.append(Callback(Every(15, last=True), lambda t: seen.append((t.step, t.last_validation["step"]))))
+    trainer.fit(progress=False)
+    assert seen == [(15, 14), (30, 29), (40, 39)]  # after the validation of the same step
+
+
+def test_a_failing_plot_ends_the_mlflow_run_failed(sine_debug, mlflow_store, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from metadist import plots
+    from metadist.tracking import Tracker
+
+    def broken(*args, **kw):
+        raise RuntimeError("no figure today")
+
+    monkeypatch.setattr(plots, "adaptation_curve", broken)
+    cfg = sine_debug("train.steps=5", "eval.episodes=5")
+    trainer = Trainer(cfg, tracker=Tracker(cfg))
+    with pytest.raises(RuntimeError, match="no figure today"):
+        trainer.fit(progress=False)
+    run = MlflowClient(mlflow_store).get_run(trainer.tracker.run_id)
+    assert run.info.status == "FAILED" and "no figure today" in run.data.tags["error"]
