@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 # What a user gets: the README, the docs, the library, the benchmarks, the jobs and the deployment files.
@@ -99,3 +100,30 @@ def test_the_checks_catch_a_pointer_and_a_broken_link(tmp_path):
         "README.md: docs/missing.md (no such file)",
         "README.md: docs/a.md#nowhere (no heading #nowhere in docs/a.md)",
         "README.md: ../notes.md (outside the repository)"]
+
+
+def test_the_worker_count_claims_hold(tmp_path):
+    # README ("On Ray") and docs/architecture.md ("Determinism"): procedural tasks do not depend on how
+    # the meta-batch is split across workers; image episodes, streamed or decoded, do.
+    from metadist.data.manifest import Manifest
+    from metadist.data.sampler import StreamingEpisodes
+    from metadist.data.synth import synth_dataset
+    from metadist.runtime.local import split_tasks
+    from metadist.tasks import SinusoidTasks
+
+    sine = SinusoidTasks(seed=0)
+    whole = sine.sample(3, range(25), 10, 10)
+    parts = [sine.sample(3, r, 10, 10) for r in split_tasks(25, 2)]
+    assert torch.equal(whole.xs, torch.cat([p.xs for p in parts]))
+    assert torch.equal(whole.yq, torch.cat([p.yq for p in parts]))
+
+    synth_dataset(tmp_path, per_class=12, size=20, seed=0, classes={"train": 8, "val": 5, "test": 6},
+                  shard_bytes=20_000)
+    manifest = Manifest(tmp_path)
+    for cache in ("stream", "decoded"):
+        def stream(rank, world):
+            return StreamingEpisodes(manifest, "train", ways=3, channels=3, size=20, seed=0, rank=rank,
+                                     world=world, buffer_per_class=6, cache=cache)
+        one = stream(0, 1).sample(0, range(4), 1, 2).xs
+        two = torch.cat([stream(rank, 2).sample(0, r, 1, 2).xs for rank, r in enumerate(split_tasks(4, 2))])
+        assert one.shape == two.shape and not torch.equal(one, two), cache
