@@ -2,7 +2,7 @@
 
 The tasks are a pure function of (seed, split), so two runs or two algorithms with the same seed are
 scored on the same tasks. Tasks whose loss is not finite are counted as diverged and left out of the
-mean, rather than averaging a NaN into the table (see ANCHORS.md: extra test-time steps can overshoot).
+mean, rather than averaging a NaN into the table (docs/reference.md: extra test-time steps can overshoot).
 """
 
 from __future__ import annotations

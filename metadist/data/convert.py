@@ -1,12 +1,13 @@
 """`metadist data convert`: the mini-ImageNet files users already have, turned into shards.
 
-Formats (ANCHORS.md):
+Formats (docs/reference.md, "File formats"):
 - `ravi-csv`: `train.csv`, `val.csv`, `test.csv` (header `filename,label`) plus `images/`.
 - `pickle-cache`: `mini-imagenet-cache-{train,val,test}.pkl` (`-validation.pkl` accepted for val):
   a dict with `image_data` (N, H, W, 3) uint8 and `class_dict` {wnid: [rows]}, str or bytes keys.
   Unpickled with an allow-list that admits numpy arrays and plain containers only, so even the named
   file cannot run code.
-- `folders`: `{train,val,test}/<class>/*.{jpg,jpeg,png}` (any case); also Omniglot-style layouts.
+- `folders`: `{train,val,test}/<class>/*.{jpg,jpeg,png}` (any case): any dataset arranged as one folder
+  per class under each split (Omniglot once its characters are arranged so).
 - `torchmeta-hdf5`: `{split}_data.hdf5` (group `datasets`, one uint8 array per class) plus
   `{split}_labels.json`; needs h5py (the `hdf5` extra).
 
