@@ -268,10 +268,12 @@ def data_verify(path: str = typer.Argument(..., help="Dataset directory or URL."
 def _print_counts(manifest) -> None:
     from rich.table import Table
 
+    from metadist.config import SPLITS
+
     table = Table(title=f"{manifest.root}: {manifest.image_size} px, {manifest.channels} channel(s)")
     for col in ("split", "classes", "images", "min / max per class", "shards"):
         table.add_column(col, justify="right")
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         try:
             counts = manifest.class_counts(split)
         except Exception:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
@@ -21,6 +21,9 @@ _STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
+Split = Literal["train", "val", "test"]
+SPLITS = {name: code for code, name in enumerate(get_args(Split))}
+"""The dataset splits in order, each with its code in the seeds that draw its tasks and episodes."""
 
 
 class ConfigError(ValueError):
@@ -144,7 +147,7 @@ class EvalConfig:
     """Query examples per task (sinusoid) or per class (fewshot) at test time."""
     lr: Optional[PositiveFloat] = None
     """Test-time inner learning rate; defaults to `inner.lr` (learned rates are used where trained)."""
-    split: Literal["train", "val", "test"] = "test"
+    split: Split = "test"
     """Split the evaluation tasks are drawn from."""
     batch: PositiveInt = 100
     """Tasks adapted together during evaluation (memory bound, not a result)."""

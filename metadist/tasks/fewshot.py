@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from metadist.data.manifest import Manifest
 from metadist.data.sampler import StreamingEpisodes, fixed_episodes
-from metadist.tasks.episode import Episode
+from metadist.episode import Episode
 
 
 class FewShotTasks:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from metadist.tasks.episode import Episode
+from metadist.config import SPLITS
+from metadist.episode import Episode
 
-SPLITS = {"train": 0, "val": 1, "test": 2}
 _MASK = (1 << 64) - 1
 
 

@@ -7,7 +7,7 @@ import torch
 
 from metadist.algorithms import ALGORITHMS, InnerSpec
 from metadist.models.conv4 import Conv4, MetaBatchNorm2d, update_running_stats
-from metadist.tasks.episode import Episode
+from metadist.episode import Episode
 
 
 def _setup(steps=2, tasks=3):
