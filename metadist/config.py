@@ -1,12 +1,13 @@
 """Typed run configuration: one tree of dataclasses, loaded from YAML with `--set a.b=c` overrides.
 
-Every field carries a docstring (the string literal under it); `metadist config-keys` and the docs read
-them. Validation is done by pydantic's dataclass support; its errors are rewritten into one
+Every field carries a docstring (the string literal under it); `metadist config JOB --keys` and the docs
+read them. Validation is done by pydantic's dataclass support; its errors are rewritten into one
 `ConfigError` that names the key path and what is allowed, so users never see a traceback.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import field
 from pathlib import Path
@@ -324,7 +325,7 @@ def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config
     """Validate a nested dict (plus `a.b=c` overrides) into a Config, or raise one ConfigError."""
     data = data or {}
     _check_keys(data, Config)  # first: it also rejects a job whose top level is not a mapping
-    data = yaml.safe_load(yaml.safe_dump(dict(data)))  # deep copy through plain types
+    data = copy.deepcopy(dict(data))  # the overrides below must not change the caller's dict
     for text in overrides:
         key, value = parse_override(text)
         _check_keys(_nested(key, value), Config)
@@ -368,13 +369,15 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def to_dict(cfg: Config) -> dict:
-    """The resolved config as plain YAML-safe types (tuples become lists)."""
-    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
+    """The resolved config as plain YAML-safe types: keys sorted in each section, tuples as lists."""
+    return _plain(dataclasses.asdict(cfg))
 
 
 def _plain(obj: Any) -> Any:
+    """`dataclasses.asdict` output as YAML reads it back: tuples become lists, each dict's keys are sorted
+    (the order every job dump, logged param and checkpoint has had so far)."""
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: _plain(obj[k]) for k in sorted(obj)}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
