@@ -113,6 +113,29 @@ RULES = [
 ]
 
 
+
+def _only(files: Callable[[str], bool], allowed: list[str], example: tuple[str, str], what: str) -> Rule:
+    """`files` import from metadist only the modules under `allowed` (the layers below them)."""
+    return Rule(f"{what} imports only from {', '.join(allowed) or 'no metadist module'}", files,
+                lambda m, root: under(m, ["metadist"]) and not under(m, allowed), example)
+
+
+# Below runtime/ and tracking.py, imports point down the order DESIGN draws.
+LEAVES = ["metadist.episode", "metadist.config"]
+RULES += [
+    _only(lambda rel: rel in ("episode.py", "config.py"), [], ("episode.py", "from metadist.config import Config\n"),
+          "a leaf type (episode.py, config.py)"),
+    _only(_in("data"), ["metadist.data", *LEAVES], ("data/writer.py", "from metadist.models import MODELS\n"),
+          "data/"),
+    _only(_in("tasks"), ["metadist.tasks", "metadist.data", *LEAVES],
+          ("tasks/sinusoid.py", "from metadist.runtime.local import split_tasks\n"), "tasks/"),
+    _only(_in("models"), ["metadist.models", *LEAVES], ("models/mlp.py", "from metadist.algorithms import maml\n"),
+          "models/"),
+    _only(_in("algorithms"), ["metadist.algorithms", "metadist.models", *LEAVES],
+          ("algorithms/spec.py", "from metadist import evaluation\n"), "algorithms/"),
+]
+
+
 def violations(rule: Rule, root: Path = PACKAGE) -> dict[str, list[str]]:
     """file (relative to the package) -> the modules it imports against `rule`."""
     out = {}
