@@ -113,7 +113,6 @@ RULES = [
 ]
 
 
-
 def _only(files: Callable[[str], bool], allowed: list[str], example: tuple[str, str], what: str) -> Rule:
     """`files` import from metadist only the modules under `allowed` (the layers below them)."""
     return Rule(f"{what} imports only from {', '.join(allowed) or 'no metadist module'}", files,
