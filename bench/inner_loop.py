@@ -54,7 +54,7 @@ from metadist.algorithms.maml import maml  # noqa: E402
 from metadist.algorithms.spec import InnerSpec  # noqa: E402
 from metadist.models.conv4 import Conv4  # noqa: E402
 from metadist.models.mlp import MLP  # noqa: E402
-from metadist.tasks.episode import Episode  # noqa: E402
+from metadist.episode import Episode  # noqa: E402
 from metadist.tasks.sinusoid import SinusoidTasks  # noqa: E402
 
 

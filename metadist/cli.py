@@ -7,6 +7,7 @@ stderr and a non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -22,7 +23,30 @@ err = Console(stderr=True)
 SetOpt = typer.Option(None, "--set", help="Override a config key: --set inner.lr=0.05 (repeatable).")
 SummaryOpt = typer.Option(None, "--summary-json", help="Write the run summary as JSON to this path.")
 # metadist.data.format.SHARD_BYTES in MB; not imported, so the CLI starts without numpy and PIL.
-ShardMbOpt = typer.Option(64.0, help="Target shard size in MB (at least as many train shards as workers are needed).")
+ShardMbOpt = typer.Option(64.0, min=0.001,
+                          help="Target shard size in MB (at least as many train shards as workers are needed).")
+
+
+# The choices of `data convert`: metadist.data.convert's FORMATS and FILTERS and ImageOptions.on_wrong_size,
+# written out so the CLI starts without numpy and PIL (a test checks they agree).
+class ConvertFormat(str, Enum):
+    ravi_csv = "ravi-csv"
+    pickle_cache = "pickle-cache"
+    folders = "folders"
+    torchmeta_hdf5 = "torchmeta-hdf5"
+
+
+class ResizeFilter(str, Enum):
+    nearest = "nearest"
+    bilinear = "bilinear"
+    bicubic = "bicubic"
+    lanczos = "lanczos"
+    box = "box"
+
+
+class WrongSize(str, Enum):
+    resize = "resize"
+    error = "error"
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -150,17 +174,13 @@ def submit(job: Path = typer.Argument(..., help="Job or sweep YAML, e.g. jobs/si
 
 @app.command("eval")
 def eval_(checkpoint: Path = typer.Argument(..., help="checkpoint.pt or its run folder."),
-          episodes: Optional[int] = typer.Option(None, help="Test tasks (default: eval.episodes)."),
-          steps: Optional[int] = typer.Option(None, help="Test-time steps (default: eval.steps)."),
+          episodes: Optional[int] = typer.Option(None, min=1, help="Test tasks (default: eval.episodes)."),
+          steps: Optional[int] = typer.Option(None, min=0, help="Test-time steps (default: eval.steps)."),
           summary_json: Optional[Path] = SummaryOpt):
     """Evaluate a checkpoint on its config's fixed test tasks."""
     from metadist.runtime.checkpoint import CheckpointError
     from metadist.runtime.driver import evaluate_checkpoint
 
-    if episodes is not None and episodes < 1:
-        _fail("--episodes must be at least 1")
-    if steps is not None and steps < 0:
-        _fail("--steps must be 0 or more")
     try:
         summary = evaluate_checkpoint(checkpoint, episodes=episodes, steps=steps, console=err)
     except (CheckpointError, ConfigError) as e:
@@ -188,11 +208,11 @@ app.add_typer(data_app, name="data")
 
 @data_app.command("synth")
 def data_synth(out: Path = typer.Argument(..., help="Directory to write the shards and manifest into."),
-               per_class: int = typer.Option(600, help="Images per class."),
-               size: int = typer.Option(84, help="Image side in pixels."),
+               per_class: int = typer.Option(600, min=1, help="Images per class."),
+               size: int = typer.Option(84, min=8, help="Image side in pixels."),
                seed: int = typer.Option(0, help="Seed of the class prototypes and augmentations."),
                shard_mb: float = ShardMbOpt,
-               workers: int = typer.Option(1, help="Encoding processes.")):
+               workers: int = typer.Option(1, min=1, help="Encoding processes.")):
     """Write a synthetic dataset in the mini-ImageNet layout (64 / 16 / 20 learnable classes)."""
     from rich.progress import Progress
 
@@ -200,8 +220,6 @@ def data_synth(out: Path = typer.Argument(..., help="Directory to write the shar
     from metadist.data.manifest import Manifest
     from metadist.data.synth import synth_dataset
 
-    if per_class < 1 or size < 8 or shard_mb <= 0 or workers < 1:
-        _fail("--per-class and --workers must be at least 1, --size at least 8, --shard-mb positive")
     if (out / "manifest.parquet").exists():
         _fail(f"{out} already holds a dataset (manifest.parquet); choose an empty directory")
     try:
@@ -216,14 +234,14 @@ def data_synth(out: Path = typer.Argument(..., help="Directory to write the shar
 @data_app.command("convert")
 def data_convert(src: Path = typer.Argument(..., help="The files you have (see --format)."),
                  out: Path = typer.Argument(..., help="Directory to write the shards and manifest into."),
-                 format_: str = typer.Option(..., "--format", help="ravi-csv, pickle-cache, folders or torchmeta-hdf5."),
-                 size: int = typer.Option(84, help="Image side in pixels after resizing."),
-                 filter_: str = typer.Option("bilinear", "--filter", help="Resize filter: nearest, bilinear, bicubic, lanczos, box."),
+                 format_: ConvertFormat = typer.Option(..., "--format", help="ravi-csv, pickle-cache, folders or torchmeta-hdf5."),
+                 size: int = typer.Option(84, min=8, help="Image side in pixels after resizing."),
+                 filter_: ResizeFilter = typer.Option(ResizeFilter.bilinear, "--filter", help="Resize filter: nearest, bilinear, bicubic, lanczos, box."),
                  grayscale: bool = typer.Option(False, help="Store single-channel images."),
-                 on_wrong_size: str = typer.Option("resize", help="Images not size×size: 'resize' or 'error' (skip and count)."),
+                 on_wrong_size: WrongSize = typer.Option(WrongSize.resize, help="Images not size×size: 'resize' or 'error' (skip and count)."),
                  min_per_class: int = typer.Option(20, help="Report classes with fewer images than this."),
                  shard_mb: float = ShardMbOpt,
-                 workers: int = typer.Option(1, help="Encoding processes."),
+                 workers: int = typer.Option(1, min=1, help="Encoding processes."),
                  seed: int = typer.Option(0, help="Seed of the sample order within each split.")):
     """Convert mini-ImageNet-style files into WebDataset shards with a Parquet manifest."""
     from rich.progress import Progress
@@ -233,13 +251,10 @@ def data_convert(src: Path = typer.Argument(..., help="The files you have (see -
     from metadist.data.manifest import Manifest
     from metadist.data.writer import check_counts
 
-    if on_wrong_size not in ("resize", "error"):
-        _fail(f"--on-wrong-size {on_wrong_size!r}: allowed: resize, error")
-    if size < 8 or workers < 1 or shard_mb <= 0:
-        _fail("--size must be at least 8, --workers at least 1, --shard-mb positive")
     try:
         with Progress(console=err) as progress:
-            reports = convert(format_, src, out, opts=ImageOptions(size, filter_, grayscale, on_wrong_size),
+            reports = convert(format_.value, src, out,
+                              opts=ImageOptions(size, filter_.value, grayscale, on_wrong_size.value),
                               shard_bytes=shard_mb * 1e6, workers=workers, seed=seed, progress=progress,
                               log=lambda m: err.print(m, highlight=False))
         for line in check_counts(reports, min_per_class):
@@ -268,10 +283,12 @@ def data_verify(path: str = typer.Argument(..., help="Dataset directory or URL."
 def _print_counts(manifest) -> None:
     from rich.table import Table
 
+    from metadist.config import SPLITS
+
     table = Table(title=f"{manifest.root}: {manifest.image_size} px, {manifest.channels} channel(s)")
     for col in ("split", "classes", "images", "min / max per class", "shards"):
         table.add_column(col, justify="right")
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         try:
             counts = manifest.class_counts(split)
         except Exception:

@@ -1,16 +1,17 @@
 """Typed run configuration: one tree of dataclasses, loaded from YAML with `--set a.b=c` overrides.
 
-Every field carries a docstring (the string literal under it); `metadist config-keys` and the docs read
-them. Validation is done by pydantic's dataclass support; its errors are rewritten into one
+Every field carries a docstring (the string literal under it); `metadist config JOB --keys` and the docs
+read them. Validation is done by pydantic's dataclass support; its errors are rewritten into one
 `ConfigError` that names the key path and what is allowed, so users never see a traceback.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
@@ -21,6 +22,9 @@ _STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
+Split = Literal["train", "val", "test"]
+SPLITS = {name: code for code, name in enumerate(get_args(Split))}
+"""The dataset splits in order, each with its code in the seeds that draw its tasks and episodes."""
 
 
 class ConfigError(ValueError):
@@ -144,7 +148,7 @@ class EvalConfig:
     """Query examples per task (sinusoid) or per class (fewshot) at test time."""
     lr: Optional[PositiveFloat] = None
     """Test-time inner learning rate; defaults to `inner.lr` (learned rates are used where trained)."""
-    split: Literal["train", "val", "test"] = "test"
+    split: Split = "test"
     """Split the evaluation tasks are drawn from."""
     batch: PositiveInt = 100
     """Tasks adapted together during evaluation (memory bound, not a result)."""
@@ -321,7 +325,7 @@ def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config
     """Validate a nested dict (plus `a.b=c` overrides) into a Config, or raise one ConfigError."""
     data = data or {}
     _check_keys(data, Config)  # first: it also rejects a job whose top level is not a mapping
-    data = yaml.safe_load(yaml.safe_dump(dict(data)))  # deep copy through plain types
+    data = copy.deepcopy(dict(data))  # the overrides below must not change the caller's dict
     for text in overrides:
         key, value = parse_override(text)
         _check_keys(_nested(key, value), Config)
@@ -365,13 +369,15 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def to_dict(cfg: Config) -> dict:
-    """The resolved config as plain YAML-safe types (tuples become lists)."""
-    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
+    """The resolved config as plain YAML-safe types: keys sorted in each section, tuples as lists."""
+    return _plain(dataclasses.asdict(cfg))
 
 
 def _plain(obj: Any) -> Any:
+    """`dataclasses.asdict` output as YAML reads it back: tuples become lists, each dict's keys are sorted
+    (the order every job dump, logged param and checkpoint has had so far)."""
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: _plain(obj[k]) for k in sorted(obj)}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from metadist.algorithms import adapt_curve, make_eval_spec
 from metadist.algorithms.evaluate import adapted_outputs
-from metadist.tasks.episode import Episode
+from metadist.episode import Episode
 
 
 def summarise(values: torch.Tensor) -> dict:

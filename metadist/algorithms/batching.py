@@ -27,7 +27,7 @@ from torch.func import vmap
 
 from metadist.algorithms.adaptation import plain_autograd
 from metadist.algorithms.spec import TASK_PARALLEL, InnerSpec
-from metadist.tasks.episode import Episode
+from metadist.episode import Episode
 
 Tensors = dict[str, torch.Tensor]
 

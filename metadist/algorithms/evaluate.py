@@ -9,7 +9,7 @@ import torch
 from metadist.algorithms.adaptation import adapt
 from metadist.algorithms.batching import map_tasks
 from metadist.algorithms.spec import InnerSpec
-from metadist.tasks.episode import Episode
+from metadist.episode import Episode
 
 
 def _curve(model, spec, params, xs, ys, xq, yq):

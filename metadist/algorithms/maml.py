@@ -15,7 +15,7 @@ import torch
 from metadist.algorithms.adaptation import Forward, adapt, bn_aux, task_loss
 from metadist.algorithms.batching import sum_of_grads
 from metadist.algorithms.spec import InnerSpec
-from metadist.tasks.episode import Episode
+from metadist.episode import Episode
 
 Tensors = dict[str, torch.Tensor]
 

@@ -14,7 +14,7 @@ import torch
 from metadist.algorithms.adaptation import Forward, bn_aux, inner_grad, model_params, task_loss
 from metadist.algorithms.batching import map_tasks
 from metadist.algorithms.spec import InnerSpec
-from metadist.tasks.episode import Episode
+from metadist.episode import Episode
 
 Tensors = dict[str, torch.Tensor]
 

@@ -31,7 +31,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from metadist.data.format import SHARD_BYTES, DataError
-from metadist.data.writer import SPLITS, SplitReport, index_shards, write_split
+from metadist.data.writer import SplitReport, index_shards, write_split
+from metadist.config import SPLITS
 
 FORMATS = ("ravi-csv", "pickle-cache", "folders", "torchmeta-hdf5")
 FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,

@@ -25,7 +25,8 @@ import webdataset as wds
 
 from metadist.data.format import DataError, check_members, decode_cls, decode_image
 from metadist.data.manifest import Manifest
-from metadist.tasks.episode import Episode
+from metadist.config import SPLITS
+from metadist.episode import Episode
 
 
 def _to_float(images: np.ndarray) -> torch.Tensor:
@@ -183,7 +184,7 @@ def fixed_episodes(manifest: Manifest, split: str, n: int, *, ways: int, shots: 
         raise DataError(f"{manifest.root}: the {split} split has {len(eligible)} classes with at least {need} "
                         f"images; {ways}-way episodes need {ways}")
     parts = []
-    split_code = {"train": 0, "val": 1, "test": 2}[split]
+    split_code = SPLITS[split]
     for e in range(n):
         rng = np.random.default_rng([seed, split_code, e, 11])
         chosen = rng.choice(eligible, ways, replace=False)

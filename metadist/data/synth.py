@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from metadist.config import SPLITS
 from metadist.data.format import SHARD_BYTES
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "bar", "star", "hexagon", "arc")
@@ -103,7 +104,7 @@ def synth_dataset(out: Path, *, per_class: int = 600, size: int = 84, seed: int 
     from metadist.data.writer import index_shards, write_split
 
     reports = []
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         its = items(seed, split, per_class, size, (classes or {}).get(split))
         reports.append(write_split(Path(out), split, its, encode, seed=seed, shard_bytes=shard_bytes,
                                    workers=workers, progress=progress))

@@ -24,8 +24,7 @@ import webdataset as wds
 from rich.progress import Progress
 
 from metadist.data.format import FORMAT_VERSION, IMAGE_EXTS, SHARD_BYTES, DataError
-
-SPLITS = ("train", "val", "test")
+from metadist.config import SPLITS
 
 
 @dataclass

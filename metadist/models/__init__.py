@@ -11,18 +11,28 @@ import torch
 from metadist.models.conv4 import Conv4
 from metadist.models.mlp import MLP
 
-MODELS = {"mlp": MLP, "conv4": Conv4}
 
 
-def build_model(cfg) -> torch.nn.Module:
-    """Build the network named by `cfg.model.name` from the run config."""
+def _mlp(cfg) -> MLP:
     m = cfg.model
-    if m.name == "mlp":
-        return MLP(m.in_features, list(m.hidden), m.out_features)
+    return MLP(m.in_features, list(m.hidden), m.out_features)
+
+
+def _conv4(cfg) -> Conv4:
+    m = cfg.model
     # Running statistics are kept for every step a forward can be made at: training steps and test steps.
     bn_steps = max(cfg.inner.steps, cfg.eval.steps) + 1
     return Conv4(ways=cfg.task.ways, channels=m.channels, filters=m.filters, image_size=m.image_size,
                  bn_steps=bn_steps)
+
+
+MODELS = {"mlp": _mlp, "conv4": _conv4}
+"""`model.name` -> the function that builds that network from the run config."""
+
+
+def build_model(cfg) -> torch.nn.Module:
+    """Build the network named by `cfg.model.name` from the run config."""
+    return MODELS[cfg.model.name](cfg)
 
 
 def head_names(params) -> list[str]:

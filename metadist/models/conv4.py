@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _plain(x: torch.Tensor) -> bool:
+def _outside_func_transforms(x: torch.Tensor) -> bool:
     """True outside torch.func transforms (the plain-autograd loop over tasks, ordinary calls)."""
     return not torch._C._functorch.is_functorch_wrapped_tensor(x)
 
@@ -27,7 +27,7 @@ def _channels_last_pays(x: torch.Tensor) -> bool:
     # memory formats at all); the plain-autograd loop over tasks on one CPU thread is where it pays
     # (measured with bench/inner_loop.py: 1.2x on Omniglot-size Conv-4 at 1 thread; equal at 2 threads,
     # and 8% slower for the 84 px mini-ImageNet size, where NCHW convolutions parallelise better).
-    return x.device.type == "cpu" and _plain(x) and torch.get_num_threads() == 1
+    return x.device.type == "cpu" and _outside_func_transforms(x) and torch.get_num_threads() == 1
 
 
 class MetaBatchNorm2d(nn.Module):
@@ -47,7 +47,7 @@ class MetaBatchNorm2d(nn.Module):
             out = F.batch_norm(x, self.running_mean[k], self.running_var[k], self.weight, self.bias,
                                training=False, eps=self.eps)
             return out, None
-        if _plain(x):
+        if _outside_func_transforms(x):
             # The fused kernel with no running buffers, so nothing is mutated. On CPU it is several times
             # faster than the statistics written out below (a strided x.var over (0, 2, 3) alone took
             # longer than the convolution before it). It returns the batch mean and 1/sqrt(var + eps),
@@ -102,7 +102,7 @@ class Conv4(nn.Module):
             # relu(max_pool(x)) is max_pool(relu(x)) exactly (max commutes with a monotone map, and both
             # orders route gradients through the same window elements), on a quarter of the elements.
             # In place on the plain path: max-pool's backward keeps its input and indices, not its output.
-            x = F.relu(F.max_pool2d(x, 2), inplace=_plain(x))
+            x = F.relu(F.max_pool2d(x, 2), inplace=_outside_func_transforms(x))
         x = x.flatten(1)
         return (x, collected) if stats else x
 

@@ -1,10 +1,9 @@
 """Task families. Each yields `Episode` batches that are pure functions of their seeds."""
 
-from metadist.tasks.episode import Episode
 from metadist.tasks.noise import NoiseImageTasks
 from metadist.tasks.sinusoid import SinusoidTasks
 
-__all__ = ["Episode", "NoiseImageTasks", "SinusoidTasks", "build_tasks"]
+__all__ = ["NoiseImageTasks", "SinusoidTasks", "build_tasks"]
 
 
 def build_tasks(cfg, rank: int = 0, world: int = 1):

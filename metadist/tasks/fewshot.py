@@ -6,8 +6,8 @@ import json
 
 from metadist.data.manifest import Manifest
 from metadist.data.sampler import StreamingEpisodes, fixed_episodes
+from metadist.episode import Episode
 from metadist.tasks.describe import digest
-from metadist.tasks.episode import Episode
 
 
 class FewShotTasks:

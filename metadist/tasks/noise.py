@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from metadist.tasks.episode import Episode
+from metadist.episode import Episode
 from metadist.tasks.describe import procedural
 from metadist.tasks.sinusoid import task_seed
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from metadist.config import SPLITS
+from metadist.episode import Episode
 from metadist.tasks.describe import procedural
 
-from metadist.tasks.episode import Episode
-
-SPLITS = {"train": 0, "val": 1, "test": 2}
 _MASK = (1 << 64) - 1
 
 

@@ -21,7 +21,7 @@ from metadist.algorithms.spec import InnerSpec
 from metadist.config import from_dict
 from metadist.models import build_model
 from metadist.models.mlp import MLP
-from metadist.tasks.episode import Episode
+from metadist.episode import Episode
 from metadist.tasks.sinusoid import SinusoidTasks
 
 TIGHT = dict(rtol=1e-9, atol=1e-11)  # two exact computations of one float64 quantity

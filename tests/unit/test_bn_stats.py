@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from metadist.algorithms import ALGORITHMS, InnerSpec
+from metadist.episode import Episode
 from metadist.models.conv4 import Conv4, MetaBatchNorm2d
-from metadist.tasks.episode import Episode
 
 
 def _setup(steps=2, tasks=3):

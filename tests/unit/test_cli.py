@@ -77,3 +77,37 @@ def test_cli_shard_size_default_is_the_librarys():
     from metadist.data.format import SHARD_BYTES
 
     assert cli.ShardMbOpt.default * 1e6 == SHARD_BYTES
+
+
+def test_option_ranges_and_choices_are_usage_errors_naming_option_and_allowed_values(tmp_path):
+    src, out, ck = str(tmp_path), str(tmp_path / "out"), str(tmp_path / "checkpoint.pt")
+    cases = [
+        (["data", "convert", src, out, "--format", "zip"],
+         "'--format': Value error, 'zip' is not one of 'ravi-csv', 'pickle-cache', 'folders', 'torchmeta-hdf5'"),
+        (["data", "convert", src, out, "--format", "folders", "--filter", "cubic"],
+         "'--filter': Value error, 'cubic' is not one of 'nearest', 'bilinear', 'bicubic', 'lanczos', 'box'"),
+        (["data", "convert", src, out, "--format", "folders", "--on-wrong-size", "skip"],
+         "'--on-wrong-size': Value error, 'skip' is not one of 'resize', 'error'"),
+        (["data", "convert", src, out, "--format", "folders", "--size", "7"], "'--size': Input should be greater than or equal to 8"),
+        (["data", "convert", src, out, "--format", "folders", "--workers", "0"], "'--workers': Input should be greater than or equal to 1"),
+        (["data", "convert", src, out, "--format", "folders", "--shard-mb", "0"], "'--shard-mb': Input should be greater than or equal to 0.001"),
+        (["data", "synth", out, "--per-class", "0"], "'--per-class': Input should be greater than or equal to 1"),
+        (["data", "synth", out, "--size", "7"], "'--size': Input should be greater than or equal to 8"),
+        (["data", "synth", out, "--workers", "0"], "'--workers': Input should be greater than or equal to 1"),
+        (["data", "synth", out, "--shard-mb", "-1"], "'--shard-mb': Input should be greater than or equal to 0.001"),
+        (["eval", ck, "--episodes", "0"], "'--episodes': Input should be greater than or equal to 1"),
+        (["eval", ck, "--steps", "-1"], "'--steps': Input should be greater than or equal to 0"),
+    ]
+    for args, message in cases:
+        res = runner.invoke(app, args)
+        text = " ".join(res.output.replace("│", " ").split())
+        assert res.exit_code == 2 and message in text, (args, res.output)
+    assert not (tmp_path / "out").exists()  # rejected before anything was written
+
+
+def test_cli_convert_choices_are_the_librarys():
+    from metadist import cli
+    from metadist.data import convert
+
+    assert [c.value for c in cli.ConvertFormat] == list(convert.FORMATS)
+    assert [c.value for c in cli.ResizeFilter] == list(convert.FILTERS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -10,6 +11,8 @@ from pydantic import ValidationError
 
 from metadist.config import (Config, ConfigError, dump_config, field_docs, flatten, from_dict, load_config,
                              parse_override, to_dict)
+
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 
 def write(tmp_path, text: str, name: str = "job.yaml"):
@@ -49,6 +52,44 @@ def test_yaml_round_trip(tmp_path):
     # The defaults round-trip too, with every float kept exactly.
     assert load_config(write(tmp_path, dump_config(Config()))) == Config()
 
+
+
+def _key_orders(d, prefix=""):
+    """Every section's keys in order, so a test can compare order and not just equality."""
+    out = {prefix: list(d)}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_key_orders(v, f"{prefix}{k}."))
+    return out
+
+
+@pytest.mark.parametrize("job", sorted(str(p.relative_to(JOBS)) for p in JOBS.rglob("*.yaml")
+                                        if p.parent.name != "sweeps") + [None])
+def test_to_dict_is_what_the_yaml_round_trip_gave(job):
+    """to_dict copies with asdict, no YAML round trip: same values, same types, same key order."""
+    cfg = load_config(JOBS / job) if job else Config()
+    reference = yaml.safe_load(yaml.dump(dataclasses.asdict(cfg), Dumper=_TupleDumper))
+    plain = to_dict(cfg)
+    assert plain == reference and _key_orders(plain) == _key_orders(reference)
+    assert dump_config(cfg) == yaml.safe_dump(reference, sort_keys=False)
+    leaves = [v for v in flatten(plain).values() for v in (v if isinstance(v, list) else [v])]
+    assert all(type(v) in (str, int, float, bool, type(None)) for v in leaves)
+    plain["inner"]["lr"] = -1.0  # a copy: changing it leaves the config alone
+    assert cfg.inner.lr != -1.0
+
+
+class _TupleDumper(yaml.SafeDumper):
+    """The old to_dict's path: tuples written as YAML lists (safe_dump alone refuses tuples)."""
+
+
+_TupleDumper.add_representer(tuple, yaml.SafeDumper.represent_list)
+
+
+def test_from_dict_copies_the_callers_dict():
+    data = {"inner": {"lr": 0.1}, "model": {"hidden": [4]}}
+    cfg = from_dict(data, ["inner.lr=0.5", "model.hidden=[8]"])
+    assert cfg.inner.lr == 0.5 and cfg.model.hidden == [8]
+    assert data == {"inner": {"lr": 0.1}, "model": {"hidden": [4]}}
 
 def test_job_name_defaults_to_the_file_stem(tmp_path):
     assert load_config(write(tmp_path, "seed: 1\n", "sine-maml.yaml")).name == "sine-maml"

@@ -164,4 +164,7 @@ def test_build_model_conv4_keeps_running_statistics_for_every_step():
 
 
 def test_model_registry_is_keyed_by_config_names():
-    assert MODELS == {"mlp": MLP, "conv4": Conv4}
+    assert set(MODELS) == {"mlp", "conv4"}
+    assert type(MODELS["mlp"](from_dict({}))) is MLP
+    cfg = from_dict({"task": {"family": "noise", "ways": 3}, "model": {"name": "conv4", "image_size": 16}})
+    assert type(MODELS["conv4"](cfg)) is Conv4

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from metadist.config import from_dict
-from metadist.tasks import Episode, SinusoidTasks, build_tasks
+from metadist.episode import Episode
+from metadist.tasks import SinusoidTasks, build_tasks
 from metadist.tasks.sinusoid import task_seed, task_seeds, uniforms
 
 
