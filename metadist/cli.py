@@ -94,11 +94,17 @@ def train(job: Optional[Path] = typer.Argument(None, help="Job YAML, e.g. jobs/s
     err.print(f"checkpoint: {summary['checkpoint']}   steady-state {t['tasks_per_s']:.0f} tasks/s "
               f"({t['task_parallel']})")
     if trainer.tracker is not None:
-        uri = trainer.tracker.uri
-        err.print(f"MLflow run {trainer.tracker.run_id} in {uri}")
-        if uri.startswith("sqlite:"):
-            err.print(f"look at it with:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
+        from metadist.tracking import review_links
+
+        tracker = trainer.tracker
+        err.print(f"MLflow run {tracker.run_id} in {tracker.uri}")
+        local = not tracker.uri.startswith("http")
+        if local:
+            err.print(f"look at it with:  mlflow ui --backend-store-uri {tracker.uri} --host 127.0.0.1 --port 5000",
                       highlight=False, soft_wrap=True)
+        for link in review_links(tracker.experiment_id, tracker.run_id,
+                                 **({} if local else {"ui": tracker.uri.rstrip("/")})):
+            err.print(f"  {link}", highlight=False, soft_wrap=True)
 
 
 def _tracker(cfg):

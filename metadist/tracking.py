@@ -91,22 +91,51 @@ def log_params(client: MlflowClient, run_id: str, flat: dict) -> None:
         client.log_batch(run_id, params=params[i:i + 100])
 
 
+# The runs table a reviewer opens: the headline metric and the swept keys as columns. MLflow's UI keeps
+# column choices in the browser, except for a "shared view" stored as an experiment tag and opened with
+# `?viewStateShareKey=<key>` (the key and state layout are those of the MLflow 3.17 UI).
+REVIEW_VIEW = "metadist"
+_VIEW_STATE = {
+    "selectedColumns": ["attributes.`Dataset`", "tags.`algorithm`", "params.`inner.lr`", "params.`inner.steps`",
+                        "metrics.`test/metric`", "metrics.`test/metric_ci95`", "metrics.`time/steady_tasks_per_s`"],
+    "columnOrder": [], "columnWidths": {}, "runsExpanded": {}, "runsPinned": [], "runsHidden": [],
+    "runsVisibilityMap": {}, "runsHiddenMode": "FIRST_10_RUNS", "viewMaximized": False, "runListHidden": False,
+    "isAccordionReordered": False, "useGroupedValuesInCharts": True, "hideEmptyCharts": True, "groupBy": None,
+    "groupsExpanded": {}, "autoRefreshEnabled": True,
+    "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""}}
+EXPERIMENT_TAGS = {
+    # The kind makes MLflow 3's UI treat the experiment as model training (runs, charts, datasets) rather
+    # than as GenAI development (traces), which it otherwise guesses for an experiment without traces.
+    EXPERIMENT_KIND: "custom_model_development",
+    f"mlflow.sharedViewState.{REVIEW_VIEW}": json.dumps(_VIEW_STATE),
+}
+
+
 def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
-    """The id of experiment `name`, created (artifacts beside a local SQLite store) if it is new."""
+    """The id of experiment `name`, created (artifacts beside a local SQLite store) if it is new, with the
+    tags that lay it out for review (`EXPERIMENT_TAGS`; added to an existing experiment that lacks them)."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        # The kind makes MLflow 3's UI open the experiment in its model-training view (runs, charts,
-        # datasets) rather than the GenAI view (traces) it otherwise guesses for an empty experiment.
-        return client.create_experiment(name, artifact_location=_artifact_root(uri),
-                                        tags={EXPERIMENT_KIND: "custom_model_development"})
-    except Exception:
-        # Sweep trials starting at once race to create it: the loser reads the winner's.
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=_artifact_root(uri), tags=EXPERIMENT_TAGS)
+        except Exception:
+            # Sweep trials starting at once race to create it: the loser reads the winner's.
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    for key, value in EXPERIMENT_TAGS.items():
+        if exp.tags.get(key) != value:
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
+
+
+def review_links(experiment: str, run_id: str | None = None, ui: str = "http://127.0.0.1:5000") -> list[str]:
+    """The MLflow UI pages to open: the experiment's runs table in the review view, and the run's page."""
+    ml = "workflowType=machine_learning"  # the UI's model-training mode (it defaults to GenAI)
+    links = [f"{ui}/#/experiments/{experiment}/runs?viewStateShareKey={REVIEW_VIEW}&{ml}"]
+    if run_id:
+        links.append(f"{ui}/#/experiments/{experiment}/runs/{run_id}?{ml}")
+    return links
 
 
 def metric_name(key: str) -> str:
@@ -144,6 +173,7 @@ class Tracker:
         self.parent_run_id = parent_run_id  # a sweep's run: this run shows nested under it
         self.run_name = run_name
         self.extra_tags = dict(tags or {})
+        self.experiment_id: str | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self, run_dir: Path, system: dict[str, str], datasets: list[dict]) -> None:
@@ -152,8 +182,9 @@ class Tracker:
         cfg = self.cfg
         if self.run_id is not None:
             self.client.update_run(self.run_id, status="RUNNING")
+            self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
             return
-        exp_id = experiment_id(self.client, cfg.tracking.experiment or cfg.name, self.uri)
+        exp_id = self.experiment_id = experiment_id(self.client, cfg.tracking.experiment or cfg.name, self.uri)
         run_name = self.run_name or Path(run_dir).name
         tags = {"mlflow.runName": run_name, "metadist.version": __version__,
                 "metadist.run_dir": str(Path(run_dir).resolve()),

@@ -38,6 +38,9 @@ def test_a_finished_run_is_readable_through_mlflow(tmp_path, mlflow_store):
     assert run.data.tags["metadist.run_dir"] == summary["run_dir"]
 
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the model-training view
+    # The runs table opens with the headline metric as a column, from the link the command prints.
+    assert "metrics.`test/metric`" in json.loads(exp.tags["mlflow.sharedViewState.metadist"])["selectedColumns"]
+    assert f"#/experiments/{exp.experiment_id}/runs?viewStateShareKey=metadist" in res.output.replace("\n", "")
 
     history = client.get_metric_history(run.info.run_id, "train/loss_after")
     assert [m.step for m in history] == [0, 10, 20, 29]
@@ -63,8 +66,9 @@ def test_a_finished_run_is_readable_through_mlflow(tmp_path, mlflow_store):
     assert {"config.yaml", "eval.json", "eval_table.json", "metrics.jsonl", "checkpoints/checkpoint.pt",
             "model/model.pt", "plots/training_curve.png", "plots/adaptation_curve.png",
             "plots/sine_fits.png"} <= files
-    table = json.loads(open(client.download_artifacts(run.info.run_id, "eval_table.json", str(tmp_path))).read())
-    assert table["columns"][:2] == ["steps", "mean"] and len(table["data"]) == 11
+    table = client.load_table(exp.experiment_id, "eval_table.json", run_ids=[run.info.run_id])
+    assert list(table["steps"]) == list(range(11))
+    assert abs(table["mean"].iloc[1] - summary["eval"]["rows"][1]["mean"]) < 1e-9
     png = client.download_artifacts(run.info.run_id, "plots/sine_fits.png", str(tmp_path))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
