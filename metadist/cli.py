@@ -95,26 +95,26 @@ def tune(sweep: Optional[Path] = typer.Argument(None, help="Sweep YAML, e.g. job
         _fail("give a sweep file, or --resume with the sweep folder (not both)")
     if resume is not None and set_:
         _fail("--set cannot change a resumed sweep: it goes on with the settings it started with")
-    from metadist.sweep import load_sweep, plan_sweep, read_state
+    from metadist.sweeps.plan import load_sweep, plan_sweep, read_state
 
     try:  # a bad sweep file or folder is one line before Ray and Tune are imported (about 9 s)
         state = read_state(resume) if resume is not None else None
         plan = plan_sweep(load_sweep(sweep, set_ or []), sweep) if sweep is not None else None
     except ConfigError as e:
         _fail(str(e))
-    from metadist import tune as sweeps
+    from metadist.sweeps import driver
     from metadist.runtime.errors import ClusterError
     from metadist.tracking import TrackingError
 
-    sweeps.install_sigterm_as_interrupt()
+    driver.install_sigterm_as_interrupt()
     try:
         if resume is not None:
-            sweeps.resume(resume, state, console=err)
+            driver.resume(resume, state, console=err)
         else:
-            sweeps.start(plan, sweep, console=err)
+            driver.start(plan, sweep, console=err)
     except (ConfigError, ClusterError, TrackingError) as e:
         _fail(str(e))
-    except sweeps.SweepInterrupted as e:
+    except driver.SweepInterrupted as e:
         err.print(f"[yellow]{e}[/]", highlight=False, soft_wrap=True)  # one line: the command is copied
         raise typer.Exit(130)
     except KeyboardInterrupt:  # before Tune took over Ctrl-C: nothing ran yet that needs resuming
@@ -133,7 +133,7 @@ def submit(job: Path = typer.Argument(..., help="Job or sweep YAML, e.g. jobs/si
                           "Default: the cluster's, else this machine's.")):
     """Submit a job (or a sweep) to a Ray cluster through its job server; exit with the job's status."""
     from metadist.runtime.submit import SubmitError, submit_job
-    from metadist.sweep import is_sweep_file, load_sweep, plan_sweep
+    from metadist.sweeps.plan import is_sweep_file, load_sweep, plan_sweep
 
     try:
         # A config error is reported here, not minutes later on the cluster.

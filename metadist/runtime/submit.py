@@ -63,7 +63,7 @@ def entrypoint(job: Path, overrides: list[str], working_dir: Path) -> str:
         rel = Path(job).resolve().relative_to(Path(working_dir).resolve())
     except ValueError:
         raise SubmitError(f"{job} is not inside --working-dir {working_dir}: the cluster would not have it") from None
-    from metadist.sweep import is_sweep_file
+    from metadist.sweeps.plan import is_sweep_file
 
     if is_sweep_file(job):  # a sweep's driver runs Tune on the cluster; its trials are the cluster's
         args = ["python", "-m", "metadist.cli", "tune", rel.as_posix()]

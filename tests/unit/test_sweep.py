@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from metadist.config import ConfigError, load_config
-from metadist.sweep import is_sweep_file, load_sweep, plan_sweep, short_names, sweep_from_dict
-from metadist.sweep_results import TrialRecord, best, best_job_yaml, outcome, rows, write_parquet
+from metadist.sweeps.plan import is_sweep_file, load_sweep, plan_sweep, short_names, sweep_from_dict
+from metadist.sweeps.results import TrialRecord, best, best_job_yaml, outcome, rows, write_parquet
 
 from ..conftest import ROOT
 
@@ -96,7 +96,7 @@ def test_sweep_files_are_told_from_jobs():
 def test_tune_space_resources_and_schedulers(monkeypatch):
     from ray import tune
 
-    from metadist.tune import scheduler, search_space, trial_bundles
+    from metadist.sweeps.driver import scheduler, search_space, trial_bundles
 
     monkeypatch.chdir(ROOT)
     plan = plan_sweep(load_sweep(DEBUG), DEBUG)
@@ -115,7 +115,7 @@ def test_tune_space_resources_and_schedulers(monkeypatch):
 
 def test_optuna_search_is_built_when_installed(monkeypatch):
     pytest.importorskip("optuna")
-    from metadist.tune import search_algorithm
+    from metadist.sweeps.driver import search_algorithm
 
     monkeypatch.chdir(ROOT)
     plan = plan_sweep(load_sweep(DEBUG, ["search=optuna"]))
@@ -177,7 +177,7 @@ def test_a_node_local_sweep_folder_on_a_cluster_is_named_as_such(tmp_path):
 
     from ray.train._internal.storage import _VALIDATE_STORAGE_MARKER_FILENAME, StorageContext
 
-    from metadist.tune import SHARED_STORAGE_HINT, _error_line
+    from metadist.sweeps.driver import SHARED_STORAGE_HINT, _error_line
 
     storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="sweep")
     (tmp_path / "sweep" / _VALIDATE_STORAGE_MARKER_FILENAME).unlink()

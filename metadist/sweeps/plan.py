@@ -4,7 +4,7 @@ A sweep file (`jobs/sweeps/*.yaml`) is validated like a job: typed dataclasses w
 unknown keys and bad values rejected with one error naming the key. `plan_sweep` resolves it against
 its base job: every value the space can produce is checked against the job config before any trial
 starts, the metric and its direction are settled, and the trials' shared job config is built.
-This module knows nothing of Ray; `metadist.tune` turns a plan into a Tune experiment.
+This module knows nothing of Ray; `metadist.sweeps.driver` turns a plan into a Tune experiment.
 """
 
 from __future__ import annotations
