@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from metadist import __version__
 from metadist.config import flatten, to_dict
-from metadist.runtime.net import unreachable
+from metadist.net import unreachable
 
 MAX_PARAM = 6000  # MLflow's limit on a param value's length
 SUBMITTER_URI = "METADIST_SUBMITTER_TRACKING_URI"
@@ -61,9 +61,9 @@ def check_store(client: MlflowClient, uri: str) -> None:
     url = urlparse(uri)
     if url.scheme in ("http", "https") and url.hostname:
         # MLflow retries a dead server for minutes before it says so; a TCP probe answers at once.
-        why = unreachable(url.hostname, url.port or (443 if url.scheme == "https" else 80))
-        if why:
-            raise TrackingError(f"nothing answers at the MLflow server {uri} ({why}): start it, or check "
+        silent = unreachable(uri, default_port=80)
+        if silent:
+            raise TrackingError(f"nothing answers at the MLflow server {uri} ({silent.why}): start it, or check "
                                 f"MLFLOW_TRACKING_URI / tracking.uri")
     try:
         client.search_experiments(max_results=1)

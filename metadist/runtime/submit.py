@@ -23,11 +23,10 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 from rich.console import Console
 
-from metadist.runtime.net import unreachable
+from metadist.net import unreachable
 from metadist.tracking import SUBMITTER_URI, tracking_uri
 
 EXCLUDES = [".venv", ".git", "runs", "mlruns", "mlflow.db", "*.pt", "__pycache__", ".pytest_cache", "bench"]
@@ -48,13 +47,13 @@ def _enable_token_auth() -> None:
 
 
 def _check_reachable(address: str) -> None:
-    url = urlparse(address if "://" in address else f"http://{address}")
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 8265)
-    why = unreachable(host, port)
-    if why:
-        raise SubmitError(f"--address {address}: nothing answers at {host}:{port} ({why}); "
-                          f"start a head with cluster/start-head.sh, or pass the dashboard address of "
-                          f"your cluster")
+    try:
+        silent = unreachable(address, default_port=8265)  # the dashboard's port, as `ray job submit` uses
+    except ValueError:
+        raise SubmitError(f"--address {address}: expected the dashboard's http://host:port") from None
+    if silent:
+        raise SubmitError(f"--address {address}: {silent}; start a head with cluster/start-head.sh, or pass "
+                          f"the dashboard address of your cluster")
 
 
 def entrypoint(job: Path, overrides: list[str], working_dir: Path) -> str:

@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from metadist.config import ConfigError
 from metadist.plots import save_png
-from metadist.runtime.ray_executor import check_reachable
+from metadist.runtime.cluster import connect
 from metadist.sweeps import plots, results
 from metadist.sweeps.plan import STATE, SweepPlan
 from metadist.sweeps.trial import TrialContext, run_trial, trial_label
@@ -126,20 +126,12 @@ class _Progress(tune.Callback):
 # -- the driver -----------------------------------------------------------------------------------
 def _connect(sweep: dict) -> bool:
     """Join the configured cluster, the submitting job's, or start a local Ray. True if started here."""
-    if ray.is_initialized():
-        return False
-    address = sweep["address"] or os.environ.get("RAY_ADDRESS")
-    if address:
-        check_reachable(address)
-        ray.init(address=address, configure_logging=False, log_to_driver=False)
-        return False
-    # The dashboard stays on: Tune trials that start their own actors hung here without it (STACK.md).
-    # Trial output is not forwarded (log_to_driver=False here and above): trials print nothing of their
+    # The dashboard stays on: Tune trials that start their own actors hung here without it.
+    # Trial output is not forwarded (log_to_driver=False, joining too): trials print nothing of their
     # own, and what Ray would forward is the noise of Tune stopping trial threads (SystemExit injected
     # mid-call); the progress lines, the table and MLflow carry the results, Ray's log files the rest.
-    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=True, dashboard_host="127.0.0.1",
-             configure_logging=False, log_to_driver=False, object_store_memory=512 * 1024 * 1024)
-    return True
+    return connect(sweep["address"], key="address", num_cpus=os.cpu_count() or 1, object_store_mb=512,
+                   dashboard=True, log_to_driver=False)
 
 
 def start(plan: SweepPlan, path: Path, console: Console) -> Path:
