@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 import torch
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from metadist import __version__
@@ -67,12 +68,14 @@ def check_store(client: MlflowClient, uri: str) -> None:
                                 f"MLFLOW_TRACKING_URI / tracking.uri")
     try:
         client.search_experiments(max_results=1)
-    except Exception as err:  # MlflowException, requests' errors: the message is what matters
+    except Exception as err:  # MlflowException (with the HTTP status), or requests' errors
         text = str(err)
-        if "401" in text or "Unauthorized" in text or "authenticate" in text.lower():
+        # MLflow turns a refused request into an error code that maps back to its HTTP status.
+        status = err.get_http_status_code() if isinstance(err, MlflowException) else None
+        if status == 401:
             raise TrackingError(f"the MLflow server at {uri} refused the request (401): set MLFLOW_TRACKING_USERNAME "
                                 f"and MLFLOW_TRACKING_PASSWORD to a valid user") from None
-        if "403" in text or "Permission" in text:
+        if status == 403:
             raise TrackingError(f"the MLflow server at {uri} refused these credentials (403): the user lacks "
                                 f"permission") from None
         raise TrackingError(f"cannot use the MLflow store {uri}: {text.splitlines()[0][:300] if text else type(err).__name__}") from None

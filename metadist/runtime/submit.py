@@ -100,6 +100,8 @@ def submit_job(job: Path, address: str, overrides: list[str], *, wait: bool = Tr
             break
         except Exception as err:  # the client raises RuntimeError/ConnectionError with the server's reply
             # A head that has just started answers before its job agent is up: that one is worth a wait.
+            # Matched by text: ray 2.60.0's job server answers 500 with this text (as for any failure),
+            # and the client raises a plain RuntimeError; there is no type or status that tells it apart.
             if "No available agent" in str(err) and time.monotonic() < deadline:
                 time.sleep(2)
                 continue

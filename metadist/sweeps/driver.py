@@ -221,7 +221,8 @@ def _error_line(trial) -> str:
     text = path.read_text() if path and path.exists() else ""
     if "Unable to set up cluster storage" in text:
         # Tune checkpoints from the trial's node into out_dir: a node-local folder fails there, in a
-        # message many lines long whose last line is a link.
+        # message many lines long whose last line is a link. Matched by text: ray 2.60.0 raises it as a
+        # plain RuntimeError (ray.train's StorageContext), and the trial's error file is text.
         return SHARED_STORAGE_HINT
     lines = [ln for ln in text.splitlines() if ln.strip()]
     return lines[-1][:300] if lines else "see the trial's error file"

@@ -6,6 +6,8 @@ import socket
 import time
 
 import pytest
+from mlflow.exceptions import MlflowException, RestException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 from mlflow.tracking import MlflowClient
 
 from metadist.runtime.submit import job_env
@@ -39,3 +41,20 @@ def test_a_server_nobody_runs_is_one_error_at_once():
     with pytest.raises(TrackingError, match=f"nothing answers at the MLflow server {uri}"):
         check_store(MlflowClient(uri), uri)
     assert time.monotonic() - start < 5  # not MLflow's minutes of retries
+
+
+@pytest.mark.parametrize("error, message", [
+    # Read by MLflow's error code (the HTTP status), not by words in the message: the old text match
+    # missed the first and took the second for a refused login.
+    (RestException({"error_code": "PERMISSION_DENIED", "message": "no access to experiments"}), r"refused these credentials \(403\)"),
+    (RestException({"error_code": "UNAUTHENTICATED", "message": "bad token"}), r"refused the request \(401\)"),
+    (MlflowException("experiment 401 was not found", error_code=RESOURCE_DOES_NOT_EXIST), "cannot use the MLflow store"),
+    (ConnectionError("proxy said 401"), "cannot use the MLflow store .*: proxy said 401"),
+])
+def test_a_refused_request_is_named_by_its_status(error, message):
+    class Refusing:
+        def search_experiments(self, **_):
+            raise error
+
+    with pytest.raises(TrackingError, match=message):
+        check_store(Refusing(), "sqlite:///unused.db")
