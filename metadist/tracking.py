@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -29,21 +28,9 @@ from mlflow.tracking import MlflowClient
 from metadist import __version__
 from metadist.config import flatten, to_dict
 from metadist.net import unreachable
+from metadist.store_uri import tracking_uri
 
 MAX_PARAM = 6000  # MLflow's limit on a param value's length
-SUBMITTER_URI = "METADIST_SUBMITTER_TRACKING_URI"
-
-
-def tracking_uri(configured: str | None = None) -> str:
-    """The store to record to: the config's, else $MLFLOW_TRACKING_URI, else the submitter's, else
-    ./mlflow.db (absolute)."""
-    # A cluster's own MLFLOW_TRACKING_URI (a KubeRay pod's ConfigMap) wins over the submitter's, which
-    # may be a laptop's port-forward or SQLite file that the cluster cannot reach.
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or os.environ.get(SUBMITTER_URI)
-    if uri:
-        return uri
-    # Absolute, because Tune trials and Ray jobs change directory.
-    return f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
 
 
 def _artifact_root(uri: str) -> str | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from rich.console import Console
 
 from metadist.net import unreachable
-from metadist.tracking import SUBMITTER_URI, tracking_uri
+from metadist.store_uri import SUBMITTER_URI, tracking_uri
 
 EXCLUDES = [".venv", ".git", "runs", "mlruns", "mlflow.db", "*.pt", "__pycache__", ".pytest_cache", "bench"]
 EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}

@@ -34,7 +34,8 @@ from metadist.runtime.cluster import connect
 from metadist.sweeps import plots, results
 from metadist.sweeps.plan import STATE, SweepPlan
 from metadist.sweeps.trial import TrialContext, run_trial, trial_label
-from metadist.tracking import SweepRun, tracking_uri
+from metadist.store_uri import tracking_uri
+from metadist.tracking import SweepRun
 
 
 class SweepInterrupted(RuntimeError):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -11,7 +14,10 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 from mlflow.tracking import MlflowClient
 
 from metadist.runtime.submit import job_env
-from metadist.tracking import SUBMITTER_URI, TrackingError, check_store, tracking_uri
+from metadist.store_uri import SUBMITTER_URI, tracking_uri
+from metadist.tracking import TrackingError, check_store
+
+from ..conftest import ROOT
 
 
 def test_store_precedence(monkeypatch, tmp_path):
@@ -58,3 +64,19 @@ def test_a_refused_request_is_named_by_its_status(error, message):
 
     with pytest.raises(TrackingError, match=message):
         check_store(Refusing(), "sqlite:///unused.db")
+
+
+def test_submitting_loads_no_mlflow():
+    # The submitter only names a store for the job; MLflow (seconds to import) is the job's business.
+    code = ("import sys, json\n"
+            "import metadist.runtime.submit\n"
+            "from typer.testing import CliRunner\n"
+            "from metadist.cli import app\n"
+            "runner = CliRunner()\n"
+            "codes = [runner.invoke(app, ['submit', '--help']).exit_code,\n"
+            "         runner.invoke(app, ['submit', 'jobs/sine/maml-debug.yaml', '--address', 'http://127.0.0.1:9']).exit_code]\n"
+            "print(json.dumps({'codes': codes, 'mlflow': sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow')}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                         timeout=120)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"codes": [0, 2], "mlflow": []}
