@@ -60,8 +60,8 @@ class SchedulerConfig:
 @dataclass(config=_STRICT)
 class SweepConfig:
     base: str
-    """The job every trial starts from, e.g. `jobs/sine/maml.yaml` (relative to the working directory,
-    or else to the sweep file)."""
+    """The job every trial starts from: a path relative to the sweep file (`../sine/maml.yaml`), else to
+    the working directory (`jobs/sine/maml.yaml` from the repository), or absolute."""
     space: dict[str, Dimension]
     """Config keys to search, each with one of `loguniform: [lo, hi]`, `uniform: [lo, hi]`,
     `choice: [...]` or `grid: [...]`, e.g. `inner.lr: {loguniform: [0.001, 1.0]}`."""
@@ -202,21 +202,28 @@ def config_with(job: dict, params: dict[str, Any]) -> Config:
     return from_dict(data)
 
 
-def _base_path(base: str, sweep_file: Path | None) -> Path:
-    candidates = [Path(base)]
-    if sweep_file is not None and not Path(base).is_absolute():
-        candidates.append(Path(sweep_file).parent / base)
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise ConfigError(f"base: job file {base!r} not found (looked in: {', '.join(str(c) for c in candidates)})")
+def base_path(base: str, sweep_file: Path | None = None) -> Path:
+    """The base job file: beside the sweep file first (as compose files resolve theirs), else from the
+    working directory (the repository-relative form, `base: jobs/sine/maml.yaml` run from the repository)."""
+    path = Path(base)
+    if path.is_absolute():
+        if path.is_file():
+            return path
+        raise ConfigError(f"base: job file {base!r} not found")
+    places = {"beside the sweep file": Path(sweep_file).parent / path} if sweep_file is not None else {}
+    places["in the working directory"] = Path.cwd() / path
+    for candidate in places.values():
+        if candidate.is_file():
+            return candidate
+    looked = " nor ".join(f"{where} ({candidate})" for where, candidate in places.items())
+    raise ConfigError(f"base: job file {base!r} not found {looked}")
 
 
 def plan_sweep(sweep: SweepConfig, sweep_file: Path | None = None) -> SweepPlan:
     """Resolve the base job, check every value the space can produce, settle metric and mode."""
     from metadist.config import load_config
 
-    cfg = load_config(_base_path(sweep.base, sweep_file), sweep.overrides)
+    cfg = load_config(base_path(sweep.base, sweep_file), sweep.overrides)
     job = to_dict(cfg)
     known = field_docs()
     for key, dim in sweep.space.items():
