@@ -16,7 +16,7 @@ import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
-_STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -27,7 +27,7 @@ class ConfigError(ValueError):
     """A config problem, phrased for the user: which key, what was given, what is allowed."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class TaskConfig:
     family: Literal["sinusoid", "fewshot", "noise"] = "sinusoid"
     """Task family: `sinusoid` regression (MAML paper 5.1), `fewshot` N-way K-shot image episodes, or
@@ -46,7 +46,7 @@ class TaskConfig:
     """Sinusoid input range x ~ U[lo, hi]."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class ModelConfig:
     name: Literal["mlp", "conv4"] = "mlp"
     """Network: `mlp` (regression, 1-40-40-1 ReLU by default) or `conv4` (four conv blocks + linear head)."""
@@ -71,7 +71,7 @@ class ModelConfig:
     """Momentum of the per-step running statistics (per_step only)."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class AlgorithmConfig:
     name: Literal["maml", "fomaml", "reptile", "anil", "metasgd", "pretrain"] = "maml"
     """Meta-learning algorithm. `pretrain` is the MAML paper's baseline: one network trained on all tasks
@@ -93,7 +93,7 @@ class AlgorithmConfig:
     """Reptile's inner optimizer on each task."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class InnerConfig:
     lr: PositiveFloat = 0.01
     """Inner-loop (adaptation) learning rate alpha; also the initial value of learned rates."""
@@ -101,7 +101,7 @@ class InnerConfig:
     """Inner-loop gradient steps during meta-training."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class OuterConfig:
     optimizer: Literal["adam", "sgd"] = "adam"
     """Outer (meta) optimizer. Reptile's outer step size epsilon is `outer.lr` with `sgd`."""
@@ -113,7 +113,7 @@ class OuterConfig:
     """Final meta learning rate of the cosine schedule."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class TrainConfig:
     steps: PositiveInt = 1000
     """Outer (meta-training) steps."""
@@ -132,7 +132,7 @@ class TrainConfig:
     """Leading steps left out of the steady-state throughput figure."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class EvalConfig:
     episodes: PositiveInt = 600
     """Fixed test tasks (episodes) drawn from (seed, split)."""
@@ -152,7 +152,7 @@ class EvalConfig:
     """Fixed `val`-split tasks of the evaluations during training (`train.eval_every`)."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class RuntimeConfig:
     executor: Literal["local", "ray"] = "local"
     """Where the inner loops run: `local` (in this process, the reference) or `ray` (worker actors)."""
@@ -177,7 +177,7 @@ class RuntimeConfig:
     """Seconds to wait for the cluster to reserve all workers at once before failing with an error."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class TrackingConfig:
     enabled: bool = True
     """Record the run in MLflow (params, metrics, plots, checkpoints, the evaluation report)."""
@@ -189,7 +189,7 @@ class TrackingConfig:
     """Sinusoid test tasks drawn in the fit plot (MAML paper, Figure 2)."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class DataConfig:
     path: Optional[str] = None
     """Dataset directory or fsspec URL with shards and manifest.parquet (fewshot tasks)."""
@@ -202,7 +202,7 @@ class DataConfig:
     """Check shards against the manifest at start-up: `size` (cheap), `hash` (reads everything) or `none`."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class Config:
     name: str = "run"
     """Run name; defaults to the job file's stem."""
@@ -403,3 +403,15 @@ def field_docs(cls: Any = Config, prefix: str = "") -> dict[str, str]:
         else:
             out[f"{prefix}{name}"] = (finfo.description or "").strip()
     return out
+
+
+def to_plain(obj: Any) -> Any:
+    """A dataclass (or dicts and lists of them) as plain YAML- and JSON-safe types: tuples become lists,
+    each dict's keys are sorted (the order a YAML dump and load gives)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)  # a deep copy
+    if isinstance(obj, dict):
+        return {k: to_plain(obj[k]) for k in sorted(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj

@@ -226,3 +226,11 @@ def test_tune_plans_a_sweep_file_given_from_another_folder(tmp_path, monkeypatch
     res = CliRunner().invoke(app, ["tune", str(DEBUG), "--set", "space.inner.steps={choice: [0, 1]}"])
     assert res.exit_code == 2 and "space.inner.steps: value 0 is not a valid inner.steps" in res.output
     assert not list(tmp_path.iterdir())  # no sweep folder, no store: nothing started
+
+
+def test_the_plans_sweep_is_plain_data_as_the_file_writes_it():
+    plan = plan_sweep(load_sweep(DEBUG), DEBUG)
+    assert yaml.safe_load(yaml.safe_dump(plan.sweep)) == plan.sweep  # YAML- and JSON-safe: the state file
+    assert plan.sweep["space"] == {"algorithm.name": {"choice": ["maml", "fomaml"]}, "inner.lr": {"loguniform": [0.001, 1.0]},
+                                   "inner.steps": {"choice": [1, 3]}}
+    assert list(plan.sweep) == sorted(plan.sweep) and list(plan.space) == sorted(plan.space)
