@@ -137,12 +137,13 @@ def submit(job: Path = typer.Argument(..., help="Job or sweep YAML, e.g. jobs/si
 
     try:
         # A config error is reported here, not minutes later on the cluster.
-        if is_sweep_file(job):
+        sweep = is_sweep_file(job)
+        if sweep:
             plan_sweep(load_sweep(job, set_ or []), job)
         else:
             load_config(job, set_ or [])
         code = submit_job(job, address, set_ or [], wait=wait, working_dir=working_dir, console=err,
-                          forced_tracking_uri=tracking_uri)
+                          forced_tracking_uri=tracking_uri, sweep=sweep)
     except (ConfigError, SubmitError) as e:
         _fail(str(e))
     raise typer.Exit(code)

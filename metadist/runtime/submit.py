@@ -56,15 +56,14 @@ def _check_reachable(address: str) -> None:
                           f"the dashboard address of your cluster")
 
 
-def entrypoint(job: Path, overrides: list[str], working_dir: Path) -> str:
-    """The shell command the cluster runs, with the job path relative to the uploaded directory."""
+def entrypoint(job: Path, overrides: list[str], working_dir: Path, sweep: bool = False) -> str:
+    """The shell command the cluster runs, with the job path relative to the uploaded directory;
+    `sweep`: the file is a sweep file (the caller read it), run by `metadist tune`."""
     try:
         rel = Path(job).resolve().relative_to(Path(working_dir).resolve())
     except ValueError:
         raise SubmitError(f"{job} is not inside --working-dir {working_dir}: the cluster would not have it") from None
-    from metadist.sweeps.plan import is_sweep_file
-
-    if is_sweep_file(job):  # a sweep's driver runs Tune on the cluster; its trials are the cluster's
+    if sweep:  # a sweep's driver runs Tune on the cluster; its trials are the cluster's
         args = ["python", "-m", "metadist.cli", "tune", rel.as_posix()]
     else:
         args = ["python", "-m", "metadist.cli", "train", rel.as_posix(), "--no-progress"]
@@ -82,14 +81,14 @@ def job_env(forced_tracking_uri: str | None = None) -> dict[str, str]:
 
 def submit_job(job: Path, address: str, overrides: list[str], *, wait: bool = True,
                working_dir: Path = Path("."), console: Console | None = None,
-               forced_tracking_uri: str | None = None) -> int:
+               forced_tracking_uri: str | None = None, sweep: bool = False) -> int:
     """Submit, optionally stream logs until the job ends; return the exit code for its status."""
     console = console or Console(stderr=True)
     _check_reachable(address)
     _enable_token_auth()
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    cmd = entrypoint(job, overrides, working_dir)
+    cmd = entrypoint(job, overrides, working_dir, sweep)
     env = job_env(forced_tracking_uri)
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
