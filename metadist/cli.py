@@ -1,7 +1,8 @@
 """The `metadist` command: train, tune, eval, submit, config and data.
 
 Every user-facing failure (a bad config key, a missing checkpoint, a diverged run) ends as one line on
-stderr and a non-zero exit code, never a traceback.
+stderr and exit code 2, never a traceback: each layer raises a `metadist.errors.UserError`, and the one
+handler in `_Commands.invoke` prints it, for every command.
 """
 
 from __future__ import annotations
@@ -13,12 +14,31 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
-from metadist.config import ConfigError, dump_config, field_docs, load_config
+from metadist.config import dump_config, field_docs, load_config
+from metadist.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Distributed meta-learning: MAML, FOMAML, Reptile, ANIL, Meta-SGD, MAML++.")
 err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+class _Commands(TyperGroup):
+    """The command group: a UserError from any command (sub-commands included) is one line, exit 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            _fail(str(e))
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True,
+                  help="Distributed meta-learning: MAML, FOMAML, Reptile, ANIL, Meta-SGD, MAML++.")
 
 SetOpt = typer.Option(None, "--set", help="Override a config key: --set inner.lr=0.05 (repeatable).")
 SummaryOpt = typer.Option(None, "--summary-json", help="Write the run summary as JSON to this path.")
@@ -49,11 +69,6 @@ class WrongSize(str, Enum):
     error = "error"
 
 
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
 def _write_summary(summary: dict, path: Optional[Path]) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,26 +84,20 @@ def train(job: Optional[Path] = typer.Argument(None, help="Job YAML, e.g. jobs/s
                                      "folder, or the run's MLflow run id."),
           progress: bool = typer.Option(True, help="Show the progress bar.")):
     """Meta-train a job, evaluate it on the fixed test tasks, and write a checkpoint."""
-    from metadist.runtime.checkpoint import CheckpointError
     from metadist.runtime.driver import Trainer, resume_trainer
-    from metadist.runtime.errors import ClusterError, TrainingDiverged
-    from metadist.tracking import TrackingError
 
     if (job is None) == (resume is None):
         _fail("give a job file, or --resume with a checkpoint, run folder or MLflow run id (not both)")
     if resume is not None and set_:
         _fail("--set cannot change a resumed run: it continues with the config in its checkpoint")
-    try:
-        if resume is not None:
-            trainer = resume_trainer(resume, console=err)
-            err.print(f"resuming {trainer.run_dir} at step {trainer.step}")
-        else:
-            cfg = load_config(job, set_ or [])
-            trainer = Trainer(cfg, console=err, tracker=_tracker(cfg))
-            err.print(f"run folder: {trainer.run_dir}")
-        summary = trainer.fit(progress=progress)
-    except (ConfigError, CheckpointError, ClusterError, NotImplementedError, TrainingDiverged, TrackingError) as e:
-        _fail(str(e))
+    if resume is not None:
+        trainer = resume_trainer(resume, console=err)
+        err.print(f"resuming {trainer.run_dir} at step {trainer.step}")
+    else:
+        cfg = load_config(job, set_ or [])
+        trainer = Trainer(cfg, console=err, tracker=_tracker(cfg))
+        err.print(f"run folder: {trainer.run_dir}")
+    summary = trainer.fit(progress=progress)
     _write_summary(summary, summary_json)
     t = summary["throughput"]
     err.print(f"checkpoint: {summary['checkpoint']}   steady-state {t['tasks_per_s']:.0f} tasks/s "
@@ -125,26 +134,20 @@ def tune(sweep: Optional[Path] = typer.Argument(None, help="Sweep YAML, e.g. job
         _fail("give a sweep file, or --resume with the sweep folder (not both)")
     if resume is not None and set_:
         _fail("--set cannot change a resumed sweep: it goes on with the settings it started with")
-    from metadist.sweep import load_sweep, plan_sweep, read_state
+    from metadist.sweeps.plan import load_sweep, plan_sweep, read_state
 
-    try:  # a bad sweep file or folder is one line before Ray and Tune are imported (about 9 s)
-        state = read_state(resume) if resume is not None else None
-        plan = plan_sweep(load_sweep(sweep, set_ or []), sweep) if sweep is not None else None
-    except ConfigError as e:
-        _fail(str(e))
-    from metadist import tune as sweeps
-    from metadist.runtime.errors import ClusterError
-    from metadist.tracking import TrackingError
+    # A bad sweep file or folder is one line before Ray and Tune are imported (about 9 s).
+    state = read_state(resume) if resume is not None else None
+    plan = plan_sweep(load_sweep(sweep, set_ or []), sweep) if sweep is not None else None
+    from metadist.sweeps import driver
 
-    sweeps.install_sigterm_as_interrupt()
+    driver.install_sigterm_as_interrupt()
     try:
         if resume is not None:
-            sweeps.resume(resume, state, console=err)
+            driver.resume(resume, state, console=err)
         else:
-            sweeps.start(plan, sweep, console=err)
-    except (ConfigError, ClusterError, TrackingError) as e:
-        _fail(str(e))
-    except sweeps.SweepInterrupted as e:
+            driver.start(plan, sweep, console=err)
+    except driver.SweepInterrupted as e:
         err.print(f"[yellow]{e}[/]", highlight=False, soft_wrap=True)  # one line: the command is copied
         raise typer.Exit(130)
     except KeyboardInterrupt:  # before Tune took over Ctrl-C: nothing ran yet that needs resuming
@@ -162,19 +165,17 @@ def submit(job: Path = typer.Argument(..., help="Job or sweep YAML, e.g. jobs/si
                None, help="MLflow store the job records to, over the cluster's own MLFLOW_TRACKING_URI. "
                           "Default: the cluster's, else this machine's.")):
     """Submit a job (or a sweep) to a Ray cluster through its job server; exit with the job's status."""
-    from metadist.runtime.submit import SubmitError, submit_job
-    from metadist.sweep import is_sweep_file, load_sweep, plan_sweep
+    from metadist.runtime.submit import submit_job
+    from metadist.sweeps.plan import is_sweep_file, load_sweep, plan_sweep
 
-    try:
-        # A config error is reported here, not minutes later on the cluster.
-        if is_sweep_file(job):
-            plan_sweep(load_sweep(job, set_ or []), job)
-        else:
-            load_config(job, set_ or [])
-        code = submit_job(job, address, set_ or [], wait=wait, working_dir=working_dir, console=err,
-                          forced_tracking_uri=tracking_uri)
-    except (ConfigError, SubmitError) as e:
-        _fail(str(e))
+    # A config error is reported here, not minutes later on the cluster.
+    sweep = is_sweep_file(job)
+    if sweep:
+        plan_sweep(load_sweep(job, set_ or []), job)
+    else:
+        load_config(job, set_ or [])
+    code = submit_job(job, address, set_ or [], wait=wait, working_dir=working_dir, console=err,
+                      forced_tracking_uri=tracking_uri, sweep=sweep)
     raise typer.Exit(code)
 
 
@@ -184,13 +185,9 @@ def eval_(checkpoint: Path = typer.Argument(..., help="checkpoint.pt or its run 
           steps: Optional[int] = typer.Option(None, min=0, help="Test-time steps (default: eval.steps)."),
           summary_json: Optional[Path] = SummaryOpt):
     """Evaluate a checkpoint on its config's fixed test tasks."""
-    from metadist.runtime.checkpoint import CheckpointError
     from metadist.runtime.driver import evaluate_checkpoint
 
-    try:
-        summary = evaluate_checkpoint(checkpoint, episodes=episodes, steps=steps, console=err)
-    except (CheckpointError, ConfigError) as e:
-        _fail(str(e))
+    summary = evaluate_checkpoint(checkpoint, episodes=episodes, steps=steps, console=err)
     _write_summary(summary, summary_json)
 
 
@@ -202,10 +199,7 @@ def config(job: Path = typer.Argument(..., help="Job YAML."), set_: Optional[Lis
         for key, doc in field_docs().items():
             typer.echo(f"{key}: {' '.join(doc.split())}")
         return
-    try:
-        typer.echo(dump_config(load_config(job, set_ or [])), nl=False)
-    except ConfigError as e:
-        _fail(str(e))
+    typer.echo(dump_config(load_config(job, set_ or [])), nl=False)
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Few-shot datasets: write, convert and check shards.")
@@ -222,19 +216,15 @@ def data_synth(out: Path = typer.Argument(..., help="Directory to write the shar
     """Write a synthetic dataset in the mini-ImageNet layout (64 / 16 / 20 learnable classes)."""
     from rich.progress import Progress
 
-    from metadist.data.format import DataError
     from metadist.data.manifest import Manifest
     from metadist.data.synth import synth_dataset
 
     if (out / "manifest.parquet").exists():
         _fail(f"{out} already holds a dataset (manifest.parquet); choose an empty directory")
-    try:
-        with Progress(console=err) as progress:
-            synth_dataset(out, per_class=per_class, size=size, seed=seed, workers=workers,
-                          shard_bytes=shard_mb * 1e6, progress=progress)
-        _print_counts(Manifest(out))
-    except DataError as e:
-        _fail(str(e))
+    with Progress(console=err) as progress:
+        synth_dataset(out, per_class=per_class, size=size, seed=seed, workers=workers,
+                      shard_bytes=shard_mb * 1e6, progress=progress)
+    _print_counts(Manifest(out))
 
 
 @data_app.command("convert")
@@ -253,35 +243,27 @@ def data_convert(src: Path = typer.Argument(..., help="The files you have (see -
     from rich.progress import Progress
 
     from metadist.data.convert import ImageOptions, convert
-    from metadist.data.format import DataError
     from metadist.data.manifest import Manifest
     from metadist.data.writer import check_counts
 
-    try:
-        with Progress(console=err) as progress:
-            reports = convert(format_.value, src, out,
-                              opts=ImageOptions(size, filter_.value, grayscale, on_wrong_size.value),
-                              shard_bytes=shard_mb * 1e6, workers=workers, seed=seed, progress=progress,
-                              log=lambda m: err.print(m, highlight=False))
-        for line in check_counts(reports, min_per_class):
-            err.print(f"[yellow]note:[/] {line}", highlight=False)
-        _print_counts(Manifest(out))
-    except DataError as e:
-        _fail(str(e))
+    with Progress(console=err) as progress:
+        reports = convert(format_.value, src, out,
+                          opts=ImageOptions(size, filter_.value, grayscale, on_wrong_size.value),
+                          shard_bytes=shard_mb * 1e6, workers=workers, seed=seed, progress=progress,
+                          log=lambda m: err.print(m, highlight=False))
+    for line in check_counts(reports, min_per_class):
+        err.print(f"[yellow]note:[/] {line}", highlight=False)
+    _print_counts(Manifest(out))
 
 
 @data_app.command("verify")
 def data_verify(path: str = typer.Argument(..., help="Dataset directory or URL."),
                 hash_: bool = typer.Option(True, "--hash/--size-only", help="Check content hashes too.")):
     """Check every shard against the manifest (sizes, and content hashes unless --size-only)."""
-    from metadist.data.format import DataError
     from metadist.data.manifest import Manifest
 
-    try:
-        m = Manifest(path)
-        m.verify("hash" if hash_ else "size")
-    except DataError as e:
-        _fail(str(e))
+    m = Manifest(path)
+    m.verify("hash" if hash_ else "size")
     _print_counts(m)
     err.print(f"{len(m.shards['shard'])} shards match the manifest")
 
@@ -290,6 +272,7 @@ def _print_counts(manifest) -> None:
     from rich.table import Table
 
     from metadist.config import SPLITS
+    from metadist.data.format import DataError
 
     table = Table(title=f"{manifest.root}: {manifest.image_size} px, {manifest.channels} channel(s)")
     for col in ("split", "classes", "images", "min / max per class", "shards"):
@@ -297,7 +280,7 @@ def _print_counts(manifest) -> None:
     for split in SPLITS:
         try:
             counts = manifest.class_counts(split)
-        except Exception:
+        except DataError:  # a dataset without this split
             continue
         table.add_row(split, str(len(counts)), str(sum(counts.values())),
                       f"{min(counts.values())} / {max(counts.values())}", str(len(manifest.split_shards(split))))

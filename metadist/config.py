@@ -17,7 +17,9 @@ import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
-_STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+from metadist.errors import UserError
+
+STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -27,11 +29,11 @@ SPLITS = {name: code for code, name in enumerate(get_args(Split))}
 """The dataset splits in order, each with its code in the seeds that draw its tasks and episodes."""
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config problem, phrased for the user: which key, what was given, what is allowed."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class TaskConfig:
     family: Literal["sinusoid", "fewshot", "noise"] = "sinusoid"
     """Task family: `sinusoid` regression (MAML paper 5.1), `fewshot` N-way K-shot image episodes, or
@@ -50,7 +52,7 @@ class TaskConfig:
     """Sinusoid input range x ~ U[lo, hi]."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class ModelConfig:
     name: Literal["mlp", "conv4"] = "mlp"
     """Network: `mlp` (regression, 1-40-40-1 ReLU by default) or `conv4` (four conv blocks + linear head)."""
@@ -75,7 +77,7 @@ class ModelConfig:
     """Momentum of the per-step running statistics (per_step only)."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class AlgorithmConfig:
     name: Literal["maml", "fomaml", "reptile", "anil", "metasgd", "pretrain"] = "maml"
     """Meta-learning algorithm. `pretrain` is the MAML paper's baseline: one network trained on all tasks
@@ -97,7 +99,7 @@ class AlgorithmConfig:
     """Reptile's inner optimizer on each task."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class InnerConfig:
     lr: PositiveFloat = 0.01
     """Inner-loop (adaptation) learning rate alpha; also the initial value of learned rates."""
@@ -105,7 +107,7 @@ class InnerConfig:
     """Inner-loop gradient steps during meta-training."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class OuterConfig:
     optimizer: Literal["adam", "sgd"] = "adam"
     """Outer (meta) optimizer. Reptile's outer step size epsilon is `outer.lr` with `sgd`."""
@@ -117,7 +119,7 @@ class OuterConfig:
     """Final meta learning rate of the cosine schedule."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class TrainConfig:
     steps: PositiveInt = 1000
     """Outer (meta-training) steps."""
@@ -136,7 +138,7 @@ class TrainConfig:
     """Leading steps left out of the steady-state throughput figure."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class EvalConfig:
     episodes: PositiveInt = 600
     """Fixed test tasks (episodes) drawn from (seed, split)."""
@@ -156,7 +158,7 @@ class EvalConfig:
     """Fixed `val`-split tasks of the evaluations during training (`train.eval_every`)."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class RuntimeConfig:
     executor: Literal["local", "ray"] = "local"
     """Where the inner loops run: `local` (in this process, the reference) or `ray` (worker actors)."""
@@ -181,7 +183,7 @@ class RuntimeConfig:
     """Seconds to wait for the cluster to reserve all workers at once before failing with an error."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class TrackingConfig:
     enabled: bool = True
     """Record the run in MLflow (params, metrics, plots, checkpoints, the evaluation report)."""
@@ -193,7 +195,7 @@ class TrackingConfig:
     """Sinusoid test tasks drawn in the fit plot (MAML paper, Figure 2)."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class DataConfig:
     path: Optional[str] = None
     """Dataset directory or fsspec URL with shards and manifest.parquet (fewshot tasks)."""
@@ -206,7 +208,7 @@ class DataConfig:
     """Check shards against the manifest at start-up: `size` (cheap), `hash` (reads everything) or `none`."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class Config:
     name: str = "run"
     """Run name; defaults to the job file's stem."""
@@ -370,17 +372,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def to_dict(cfg: Config) -> dict:
     """The resolved config as plain YAML-safe types: keys sorted in each section, tuples as lists."""
-    return _plain(dataclasses.asdict(cfg))
-
-
-def _plain(obj: Any) -> Any:
-    """`dataclasses.asdict` output as YAML reads it back: tuples become lists, each dict's keys are sorted
-    (the order every job dump, logged param and checkpoint has had so far)."""
-    if isinstance(obj, dict):
-        return {k: _plain(obj[k]) for k in sorted(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
+    return to_plain(cfg)
 
 
 def dump_config(cfg: Config) -> str:
@@ -409,3 +401,16 @@ def field_docs(cls: Any = Config, prefix: str = "") -> dict[str, str]:
         else:
             out[f"{prefix}{name}"] = (finfo.description or "").strip()
     return out
+
+
+def to_plain(obj: Any) -> Any:
+    """A dataclass (or dicts and lists of them) as plain YAML- and JSON-safe types: tuples become lists,
+    each dict's keys are sorted (the order a YAML dump and load gives, which every job dump, logged param
+    and checkpoint has had so far)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)  # a deep copy
+    if isinstance(obj, dict):
+        return {k: to_plain(obj[k]) for k in sorted(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj

@@ -21,34 +21,23 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from metadist import __version__
 from metadist.config import flatten, to_dict
-from metadist.runtime.net import unreachable
+from metadist.errors import UserError
+from metadist.net import unreachable
+from metadist.store_uri import tracking_uri
 
 MAX_PARAM = 6000  # MLflow's limit on a param value's length
 EXPERIMENT_KIND = "mlflow.experimentKind"  # read by the MLflow 3.17 UI (no constant for it in the client)
-SUBMITTER_URI = "METADIST_SUBMITTER_TRACKING_URI"
-
-
-def tracking_uri(configured: str | None = None) -> str:
-    """The store to record to: the config's, else $MLFLOW_TRACKING_URI, else the submitter's, else
-    ./mlflow.db (absolute)."""
-    # A cluster's own MLFLOW_TRACKING_URI (a KubeRay pod's ConfigMap) wins over the submitter's, which
-    # may be a laptop's port-forward or SQLite file that the cluster cannot reach.
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or os.environ.get(SUBMITTER_URI)
-    if uri:
-        return uri
-    # Absolute, because Tune trials and Ray jobs change directory.
-    return f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
 
 
 def _artifact_root(uri: str) -> str | None:
@@ -58,7 +47,7 @@ def _artifact_root(uri: str) -> str | None:
     return None
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """The MLflow store cannot be used: unreachable, or it refused our credentials."""
 
 
@@ -67,18 +56,20 @@ def check_store(client: MlflowClient, uri: str) -> None:
     url = urlparse(uri)
     if url.scheme in ("http", "https") and url.hostname:
         # MLflow retries a dead server for minutes before it says so; a TCP probe answers at once.
-        why = unreachable(url.hostname, url.port or (443 if url.scheme == "https" else 80))
-        if why:
-            raise TrackingError(f"nothing answers at the MLflow server {uri} ({why}): start it, or check "
+        silent = unreachable(uri, default_port=80)
+        if silent:
+            raise TrackingError(f"nothing answers at the MLflow server {uri} ({silent.why}): start it, or check "
                                 f"MLFLOW_TRACKING_URI / tracking.uri")
     try:
         client.search_experiments(max_results=1)
-    except Exception as err:  # MlflowException, requests' errors: the message is what matters
+    except Exception as err:  # MlflowException (with the HTTP status), or requests' errors
         text = str(err)
-        if "401" in text or "Unauthorized" in text or "authenticate" in text.lower():
+        # MLflow turns a refused request into an error code that maps back to its HTTP status.
+        status = err.get_http_status_code() if isinstance(err, MlflowException) else None
+        if status == 401:
             raise TrackingError(f"the MLflow server at {uri} refused the request (401): set MLFLOW_TRACKING_USERNAME "
                                 f"and MLFLOW_TRACKING_PASSWORD to a valid user") from None
-        if "403" in text or "Permission" in text:
+        if status == 403:
             raise TrackingError(f"the MLflow server at {uri} refused these credentials (403): the user lacks "
                                 f"permission") from None
         raise TrackingError(f"cannot use the MLflow store {uri}: {text.splitlines()[0][:300] if text else type(err).__name__}") from None

@@ -8,6 +8,8 @@ import json
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from metadist.errors import UserError
+
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 ALLOWED_EXTS = set(IMAGE_EXTS) | {"cls", "json"}
 # Members that some tools put in shards and that decode by unpickling: refused, never read.
@@ -16,7 +18,7 @@ FORMAT_VERSION = 1
 SHARD_BYTES = 64e6  # target shard size: several train shards per worker even for mini-ImageNet
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset, shard or input file that cannot be used as it is; the message names it."""
 
 

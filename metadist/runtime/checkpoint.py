@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from metadist import __version__
+from metadist.errors import UserError
 
 FORMAT = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, unreadable or not a metadist checkpoint."""
 
 

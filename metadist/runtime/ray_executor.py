@@ -29,10 +29,10 @@ from rich.console import Console
 
 from metadist.algorithms.spec import InnerSpec
 from metadist.config import Config, from_dict, to_dict
+from metadist.runtime import cluster
 from metadist.runtime.errors import ClusterError
 from metadist.runtime.flat import Layout
 from metadist.runtime.local import StepResult, TaskShard, split_tasks
-from metadist.runtime.net import unreachable
 
 Tensors = dict[str, torch.Tensor]
 
@@ -63,43 +63,15 @@ class MetaWorker:
         return {"rank": self.rank, "pid": os.getpid(), "node": socket.gethostname(), **self.shard.describe()}
 
 
-def connect(cfg: Config) -> bool:
-    """Make sure this process is connected to Ray; True if it started the instance (and must stop it)."""
-    if ray.is_initialized():
-        return False
+def _connect(cfg: Config) -> bool:
+    """Connect to the configured cluster, or start a local Ray sized for the workers; True if started here."""
     rt = cfg.runtime
-    # Inside a Ray job (metadist submit) the job server says which cluster this process belongs to.
-    address = rt.address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        # A local instance sized for the workers plus the driver; fractional CPUs place more workers
-        # than cores when asked to.
-        cpus = max(os.cpu_count() or 1, int(rt.workers * rt.cpus_per_worker + 0.999))
-        ray.init(num_cpus=cpus, num_gpus=torch.cuda.device_count() if rt.gpus_per_worker else None,
-                 object_store_memory=rt.object_store_mb * 1024 * 1024, include_dashboard=False,
-                 configure_logging=False, log_to_driver=True)
-        return True
-    check_reachable(address)
-    try:
-        ray.init(address=address, configure_logging=False)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ClusterError(f"runtime.address={address!r}: could not join the Ray cluster "
-                           f"({str(err).splitlines()[0][:300]})") from None
-    return False
-
-
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast, instead of ray.init's long retries, when host:port does not answer at all."""
-    if address == "auto":
-        return
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ClusterError(f"runtime.address={address!r}: expected 'auto', 'host:port' or 'ray://host:port'")
-    why = unreachable(host, int(port), timeout)
-    if why:
-        raise ClusterError(f"runtime.address={address!r}: nothing answers at {host}:{port} ({why}); "
-                           f"start a head with cluster/start-head.sh, or leave runtime.address empty for a "
-                           f"local Ray")
+    # A local instance sized for the workers plus the driver; fractional CPUs place more workers
+    # than cores when asked to.
+    cpus = max(os.cpu_count() or 1, int(rt.workers * rt.cpus_per_worker + 0.999))
+    return cluster.connect(rt.address, num_cpus=cpus,
+                           num_gpus=torch.cuda.device_count() if rt.gpus_per_worker else None,
+                           object_store_mb=rt.object_store_mb)
 
 
 def _check_resources(cfg: Config) -> None:
@@ -121,7 +93,7 @@ class RayExecutor:
     def __init__(self, cfg: Config, layout: Layout, console: Console | None = None):
         self.cfg = cfg
         self.console = console or Console(stderr=True)
-        self.owns_ray = connect(cfg)
+        self.owns_ray = _connect(cfg)
         self.restarts = 0
         self.after_submit = None  # test hook: called with (step, actors) once a step's work is submitted
         self.layout = layout  # the driver's parameter names and shapes, for the flat transport

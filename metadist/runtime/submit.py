@@ -23,19 +23,19 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 from rich.console import Console
 
-from metadist.runtime.net import unreachable
-from metadist.tracking import SUBMITTER_URI, tracking_uri
+from metadist.errors import UserError
+from metadist.net import unreachable
+from metadist.store_uri import SUBMITTER_URI, tracking_uri
 
 EXCLUDES = [".venv", ".git", "runs", "mlruns", "mlflow.db", "*.pt", "__pycache__", ".pytest_cache", "bench"]
 EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
 AGENT_WAIT_S = 60.0
 
 
-class SubmitError(RuntimeError):
+class SubmitError(UserError, RuntimeError):
     """The job server cannot be reached or refused the job."""
 
 
@@ -48,24 +48,23 @@ def _enable_token_auth() -> None:
 
 
 def _check_reachable(address: str) -> None:
-    url = urlparse(address if "://" in address else f"http://{address}")
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 8265)
-    why = unreachable(host, port)
-    if why:
-        raise SubmitError(f"--address {address}: nothing answers at {host}:{port} ({why}); "
-                          f"start a head with cluster/start-head.sh, or pass the dashboard address of "
-                          f"your cluster")
+    try:
+        silent = unreachable(address, default_port=8265)  # the dashboard's port, as `ray job submit` uses
+    except ValueError:
+        raise SubmitError(f"--address {address}: expected the dashboard's http://host:port") from None
+    if silent:
+        raise SubmitError(f"--address {address}: {silent}; start a head with cluster/start-head.sh, or pass "
+                          f"the dashboard address of your cluster")
 
 
-def entrypoint(job: Path, overrides: list[str], working_dir: Path) -> str:
-    """The shell command the cluster runs, with the job path relative to the uploaded directory."""
+def entrypoint(job: Path, overrides: list[str], working_dir: Path, sweep: bool = False) -> str:
+    """The shell command the cluster runs, with the job path relative to the uploaded directory;
+    `sweep`: the file is a sweep file (the caller read it), run by `metadist tune`."""
     try:
         rel = Path(job).resolve().relative_to(Path(working_dir).resolve())
     except ValueError:
         raise SubmitError(f"{job} is not inside --working-dir {working_dir}: the cluster would not have it") from None
-    from metadist.sweep import is_sweep_file
-
-    if is_sweep_file(job):  # a sweep's driver runs Tune on the cluster; its trials are the cluster's
+    if sweep:  # a sweep's driver runs Tune on the cluster; its trials are the cluster's
         args = ["python", "-m", "metadist.cli", "tune", rel.as_posix()]
     else:
         args = ["python", "-m", "metadist.cli", "train", rel.as_posix(), "--no-progress"]
@@ -83,14 +82,14 @@ def job_env(forced_tracking_uri: str | None = None) -> dict[str, str]:
 
 def submit_job(job: Path, address: str, overrides: list[str], *, wait: bool = True,
                working_dir: Path = Path("."), console: Console | None = None,
-               forced_tracking_uri: str | None = None) -> int:
+               forced_tracking_uri: str | None = None, sweep: bool = False) -> int:
     """Submit, optionally stream logs until the job ends; return the exit code for its status."""
     console = console or Console(stderr=True)
     _check_reachable(address)
     _enable_token_auth()
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    cmd = entrypoint(job, overrides, working_dir)
+    cmd = entrypoint(job, overrides, working_dir, sweep)
     env = job_env(forced_tracking_uri)
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
@@ -101,6 +100,8 @@ def submit_job(job: Path, address: str, overrides: list[str], *, wait: bool = Tr
             break
         except Exception as err:  # the client raises RuntimeError/ConnectionError with the server's reply
             # A head that has just started answers before its job agent is up: that one is worth a wait.
+            # Matched by text: ray 2.60.0's job server answers 500 with this text (as for any failure),
+            # and the client raises a plain RuntimeError; there is no type or status that tells it apart.
             if "No available agent" in str(err) and time.monotonic() < deadline:
                 time.sleep(2)
                 continue

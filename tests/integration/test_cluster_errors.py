@@ -34,3 +34,13 @@ def test_gpus_the_cluster_lacks_are_named(sine_debug):
     with pytest.raises(ClusterError, match=r"asks for 2 CPU and 2 GPU; the Ray cluster has \d+ CPU, 0 GPU"):
         _start(cfg)
     assert not ray.is_initialized()  # the local Ray it started for the attempt is gone again
+
+
+def test_the_sweeps_connection_names_its_own_key():
+    from metadist.runtime.cluster import connect
+
+    with pytest.raises(ClusterError, match=r"^address='127.0.0.1:9': nothing answers at 127.0.0.1:9 .*leave address empty"):
+        connect("127.0.0.1:9", key="address")
+    with pytest.raises(ClusterError, match=r"^address='nohost': expected 'auto', 'host:port' or 'ray://host:port'"):
+        connect("nohost", key="address")
+    assert not ray.is_initialized()

@@ -111,3 +111,49 @@ def test_cli_convert_choices_are_the_librarys():
 
     assert [c.value for c in cli.ConvertFormat] == list(convert.FORMATS)
     assert [c.value for c in cli.ResizeFilter] == list(convert.FILTERS)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # free a moment ago: nothing listens on it
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_every_command_turns_every_user_error_into_one_line(tmp_path):
+    """Each command, with a bad input of each error class it can meet: one `error:` line, exit 2."""
+    dead = f"127.0.0.1:{_free_port()}"
+    img = str(ROOT / "jobs/miniimagenet/maml-debug.yaml")
+    not_a_dataset = tmp_path / "empty"
+    not_a_dataset.mkdir()
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    cases = {
+        "ConfigError": (["train", JOB, "--set", "inner.lrr=0.1"], "unknown key 'inner.lrr'"),
+        "DataError": (["train", img, "--set", "data.path=/nonexistent"], "no manifest.parquet"),
+        "CheckpointError": (["train", "--resume", str(tmp_path / "bad.pt")], "not a readable metadist checkpoint"),
+        "ClusterError": (["train", JOB, "--set", "runtime.executor=ray", "--set", f"runtime.address={dead}",
+                          "--set", "tracking.enabled=false"], f"nothing answers at {dead}"),
+        "TrainingDiverged": (["train", JOB, "--set", "inner.lr=1e6", "--set", "tracking.enabled=false",
+                              *_small(tmp_path)], "meta-gradient is not finite"),
+        "TrackingError": (["train", JOB, "--set", f"tracking.uri=http://{dead}"], "nothing answers at the MLflow"),
+        "eval CheckpointError": (["eval", str(tmp_path / "bad.pt")], "not a readable metadist checkpoint"),
+        "config ConfigError": (["config", JOB, "--set", "task.ways=1"], "task.ways"),
+        "tune ConfigError": (["tune", str(ROOT / "jobs/sweeps/sine-debug.yaml"), "--set", "samplez=3"], "samplez"),
+        "submit ConfigError": (["submit", JOB, "--set", "inner.lrr=1"], "unknown key 'inner.lrr'"),
+        "submit SubmitError": (["submit", JOB, "--address", f"http://{dead}"], f"nothing answers at {dead}"),
+        "data verify DataError": (["data", "verify", str(not_a_dataset)], "no manifest.parquet"),
+        "data convert DataError": (["data", "convert", str(not_a_dataset), str(tmp_path / "out"),
+                                    "--format", "folders"], str(not_a_dataset)),
+        "data synth into a dataset": (["data", "synth", str(ROOT / "data/synth-debug")], "already holds a dataset"),
+    }
+    for what, (args, message) in cases.items():
+        if what == "data synth into a dataset" and not (ROOT / "data/synth-debug/manifest.parquet").exists():
+            args = ["data", "synth", str(not_a_dataset), "--per-class", "0"]  # typer's own range check
+            message = "--per-class"
+        res = runner.invoke(app, args)
+        text = " ".join(res.output.split())
+        assert res.exit_code == 2, (what, res.output, res.exception)
+        assert message in text, (what, res.output)
+        # One message (rich may wrap it at the terminal's width), never a traceback.
+        assert "Traceback" not in res.output and text.count("error:") <= 1, (what, res.output)

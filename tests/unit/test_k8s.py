@@ -144,7 +144,7 @@ def _image_ray_version() -> str:
 def test_rayjob_entrypoints_are_valid_metadist_commands():
     # The same check `metadist submit` makes on a laptop: a typo in a key fails here, not on the cluster.
     from metadist.config import load_config
-    from metadist.sweep import load_sweep, plan_sweep
+    from metadist.sweeps.plan import load_sweep, plan_sweep
 
     jobs = [doc for _, doc in _docs() if doc["kind"] == "RayJob"]
     assert {shlex.split(j["spec"]["entrypoint"])[3] for j in jobs} == {"train", "tune"}

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from metadist.config import ConfigError, load_config
-from metadist.sweep import is_sweep_file, load_sweep, plan_sweep, short_names, sweep_from_dict
-from metadist.sweep_results import TrialRecord, best, best_job_yaml, outcome, rows, write_parquet
+from metadist.sweeps.plan import is_sweep_file, load_sweep, plan_sweep, short_names, sweep_from_dict
+from metadist.sweeps.results import TrialRecord, best, best_job_yaml, outcome, rows, write_parquet
 
 from ..conftest import ROOT
 
@@ -96,7 +96,7 @@ def test_sweep_files_are_told_from_jobs():
 def test_tune_space_resources_and_schedulers(monkeypatch):
     from ray import tune
 
-    from metadist.tune import scheduler, search_space, trial_bundles
+    from metadist.sweeps.driver import scheduler, search_space, trial_bundles
 
     monkeypatch.chdir(ROOT)
     plan = plan_sweep(load_sweep(DEBUG), DEBUG)
@@ -106,19 +106,19 @@ def test_tune_space_resources_and_schedulers(monkeypatch):
     # Bundle 0 for the trial's driver, then one per worker actor of the run.
     assert trial_bundles(plan) == [{"CPU": 0.5}, {"CPU": 0.5}]
     assert scheduler(plan)._max_t == plan.job["train"]["steps"]
-    grid = plan_sweep(load_sweep(DEBUG, ["search=grid", "space.inner.lr={grid: [0.1, 0.2]}", "scheduler.name=none"]))
+    grid = plan_sweep(load_sweep(DEBUG, ["search=grid", "space.inner.lr={grid: [0.1, 0.2]}", "scheduler.name=none"]), DEBUG)
     assert all(set(v) == {"grid_search"} for v in search_space(grid)["params"].values())
     assert scheduler(grid) is None
-    local = plan_sweep(load_sweep(DEBUG, ["runtime.executor=local", "trial_cpus=2"]))
+    local = plan_sweep(load_sweep(DEBUG, ["runtime.executor=local", "trial_cpus=2"]), DEBUG)
     assert trial_bundles(local) == [{"CPU": 2.0}]
 
 
 def test_optuna_search_is_built_when_installed(monkeypatch):
     pytest.importorskip("optuna")
-    from metadist.tune import search_algorithm
+    from metadist.sweeps.driver import search_algorithm
 
     monkeypatch.chdir(ROOT)
-    plan = plan_sweep(load_sweep(DEBUG, ["search=optuna"]))
+    plan = plan_sweep(load_sweep(DEBUG, ["search=optuna"]), DEBUG)
     assert type(search_algorithm(plan)).__name__ == "OptunaSearch"
 
 
@@ -177,7 +177,7 @@ def test_a_node_local_sweep_folder_on_a_cluster_is_named_as_such(tmp_path):
 
     from ray.train._internal.storage import _VALIDATE_STORAGE_MARKER_FILENAME, StorageContext
 
-    from metadist.tune import SHARED_STORAGE_HINT, _error_line
+    from metadist.sweeps.driver import SHARED_STORAGE_HINT, _error_line
 
     storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="sweep")
     (tmp_path / "sweep" / _VALIDATE_STORAGE_MARKER_FILENAME).unlink()
@@ -188,3 +188,49 @@ def test_a_node_local_sweep_folder_on_a_cluster_is_named_as_such(tmp_path):
     assert _error_line(SimpleNamespace(error_file=str(error_file))) == SHARED_STORAGE_HINT
     error_file.write_text("Traceback (most recent call last):\n  ...\nValueError: something else\n")
     assert _error_line(SimpleNamespace(error_file=str(error_file))) == "ValueError: something else"
+
+
+def _job(path: Path, name: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text((ROOT / "jobs/sine/maml-debug.yaml").read_text() + f"\nname: {name}\n")
+    return path
+
+
+def test_base_is_looked_up_beside_the_sweep_file_first_then_in_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # another folder than the repository
+    assert plan_sweep(load_sweep(DEBUG), DEBUG).job["name"] == "maml-debug"  # the shipped, file-relative form
+    sweep_file = tmp_path / "sweeps/s.yaml"
+    sweep_file.parent.mkdir()
+    sweep_file.write_text(yaml.safe_dump(_sweep(base="jobs/job.yaml")))
+    _job(tmp_path / "jobs/job.yaml", "from-cwd")
+    assert plan_sweep(load_sweep(sweep_file), sweep_file).job["name"] == "from-cwd"  # the repository-relative form
+    _job(tmp_path / "sweeps/jobs/job.yaml", "beside-the-sweep")
+    assert plan_sweep(load_sweep(sweep_file), sweep_file).job["name"] == "beside-the-sweep"  # first when both exist
+
+    sweep_file.write_text(yaml.safe_dump(_sweep(base="jobs/nope.yaml")))
+    with pytest.raises(ConfigError) as err:
+        plan_sweep(load_sweep(sweep_file), sweep_file)
+    assert str(err.value) == (f"base: job file 'jobs/nope.yaml' not found beside the sweep file "
+                              f"({tmp_path / 'sweeps/jobs/nope.yaml'}) nor in the working directory "
+                              f"({tmp_path / 'jobs/nope.yaml'})")
+
+
+def test_tune_plans_a_sweep_file_given_from_another_folder(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from metadist.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "400")  # one error line, unwrapped
+    # Planning goes past the base job to the space check, which fails before Ray starts.
+    res = CliRunner().invoke(app, ["tune", str(DEBUG), "--set", "space.inner.steps={choice: [0, 1]}"])
+    assert res.exit_code == 2 and "space.inner.steps: value 0 is not a valid inner.steps" in res.output
+    assert not list(tmp_path.iterdir())  # no sweep folder, no store: nothing started
+
+
+def test_the_plans_sweep_is_plain_data_as_the_file_writes_it():
+    plan = plan_sweep(load_sweep(DEBUG), DEBUG)
+    assert yaml.safe_load(yaml.safe_dump(plan.sweep)) == plan.sweep  # YAML- and JSON-safe: the state file
+    assert plan.sweep["space"] == {"algorithm.name": {"choice": ["maml", "fomaml"]}, "inner.lr": {"loguniform": [0.001, 1.0]},
+                                   "inner.steps": {"choice": [1, 3]}}
+    assert list(plan.sweep) == sorted(plan.sweep) and list(plan.space) == sorted(plan.space)

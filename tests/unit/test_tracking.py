@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
+from mlflow.exceptions import MlflowException, RestException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 from mlflow.tracking import MlflowClient
 
 from metadist.runtime.submit import job_env
-from metadist.tracking import SUBMITTER_URI, TrackingError, check_store, tracking_uri
+from metadist.store_uri import SUBMITTER_URI, tracking_uri
+from metadist.tracking import TrackingError, check_store
+
+from ..conftest import ROOT
 
 
 def test_store_precedence(monkeypatch, tmp_path):
@@ -39,3 +47,36 @@ def test_a_server_nobody_runs_is_one_error_at_once():
     with pytest.raises(TrackingError, match=f"nothing answers at the MLflow server {uri}"):
         check_store(MlflowClient(uri), uri)
     assert time.monotonic() - start < 5  # not MLflow's minutes of retries
+
+
+@pytest.mark.parametrize("error, message", [
+    # Read by MLflow's error code (the HTTP status), not by words in the message: the old text match
+    # missed the first and took the second for a refused login.
+    (RestException({"error_code": "PERMISSION_DENIED", "message": "no access to experiments"}), r"refused these credentials \(403\)"),
+    (RestException({"error_code": "UNAUTHENTICATED", "message": "bad token"}), r"refused the request \(401\)"),
+    (MlflowException("experiment 401 was not found", error_code=RESOURCE_DOES_NOT_EXIST), "cannot use the MLflow store"),
+    (ConnectionError("proxy said 401"), "cannot use the MLflow store .*: proxy said 401"),
+])
+def test_a_refused_request_is_named_by_its_status(error, message):
+    class Refusing:
+        def search_experiments(self, **_):
+            raise error
+
+    with pytest.raises(TrackingError, match=message):
+        check_store(Refusing(), "sqlite:///unused.db")
+
+
+def test_submitting_loads_no_mlflow():
+    # The submitter only names a store for the job; MLflow (seconds to import) is the job's business.
+    code = ("import sys, json\n"
+            "import metadist.runtime.submit\n"
+            "from typer.testing import CliRunner\n"
+            "from metadist.cli import app\n"
+            "runner = CliRunner()\n"
+            "codes = [runner.invoke(app, ['submit', '--help']).exit_code,\n"
+            "         runner.invoke(app, ['submit', 'jobs/sine/maml-debug.yaml', '--address', 'http://127.0.0.1:9']).exit_code]\n"
+            "print(json.dumps({'codes': codes, 'mlflow': sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow')}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                         timeout=120)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"codes": [0, 2], "mlflow": []}

@@ -1,6 +1,6 @@
 """`metadist tune`: a Ray Tune sweep in which every trial is a whole distributed metadist run.
 
-- The trainable is a Tune function (`metadist.runtime.trial.run_trial`). Its resources are one
+- The trainable is a Tune function (`metadist.sweeps.trial.run_trial`). Its resources are one
   placement group per trial: bundle 0 for the trial's driver (`trial_cpus`), bundles 1..W for its worker
   actors, so a trial starts only when all of its workers fit and trials never wait on each other.
 - Search: Tune's variant generator (random sampling, grid keys crossed) or Optuna; scheduler: ASHA on
@@ -28,12 +28,14 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from metadist import plots, sweep_results
 from metadist.config import ConfigError
-from metadist.runtime.ray_executor import check_reachable
-from metadist.runtime.trial import TrialContext, run_trial, trial_label
-from metadist.sweep import STATE, SweepPlan
-from metadist.tracking import SweepRun, tracking_uri
+from metadist.plots import save_png
+from metadist.runtime.cluster import connect
+from metadist.sweeps import plots, results
+from metadist.sweeps.plan import STATE, SweepPlan
+from metadist.sweeps.trial import TrialContext, run_trial, trial_label
+from metadist.store_uri import tracking_uri
+from metadist.tracking import SweepRun
 
 
 class SweepInterrupted(RuntimeError):
@@ -125,20 +127,12 @@ class _Progress(tune.Callback):
 # -- the driver -----------------------------------------------------------------------------------
 def _connect(sweep: dict) -> bool:
     """Join the configured cluster, the submitting job's, or start a local Ray. True if started here."""
-    if ray.is_initialized():
-        return False
-    address = sweep["address"] or os.environ.get("RAY_ADDRESS")
-    if address:
-        check_reachable(address)
-        ray.init(address=address, configure_logging=False, log_to_driver=False)
-        return False
-    # The dashboard stays on: Tune trials that start their own actors hung here without it (STACK.md).
-    # Trial output is not forwarded (log_to_driver=False here and above): trials print nothing of their
+    # The dashboard stays on: Tune trials that start their own actors hung here without it.
+    # Trial output is not forwarded (log_to_driver=False, joining too): trials print nothing of their
     # own, and what Ray would forward is the noise of Tune stopping trial threads (SystemExit injected
     # mid-call); the progress lines, the table and MLflow carry the results, Ray's log files the rest.
-    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=True, dashboard_host="127.0.0.1",
-             configure_logging=False, log_to_driver=False, object_store_memory=512 * 1024 * 1024)
-    return True
+    return connect(sweep["address"], key="address", num_cpus=os.cpu_count() or 1, object_store_mb=512,
+                   dashboard=True, log_to_driver=False)
 
 
 def start(plan: SweepPlan, path: Path, console: Console) -> Path:
@@ -159,7 +153,7 @@ def start(plan: SweepPlan, path: Path, console: Console) -> Path:
 
 
 def resume(sweep_dir: Path, state: dict, console: Console) -> Path:
-    """Go on with an interrupted sweep (`state`: its `sweep.read_state`): finished trials stay as they are."""
+    """Go on with an interrupted sweep (`state`: its `plan.read_state`): finished trials stay as they are."""
     sweep_dir = Path(sweep_dir).resolve()
     plan = SweepPlan(**state["plan"])
     plan.space = {k: tuple(v) for k, v in plan.space.items()}
@@ -228,13 +222,14 @@ def _error_line(trial) -> str:
     text = path.read_text() if path and path.exists() else ""
     if "Unable to set up cluster storage" in text:
         # Tune checkpoints from the trial's node into out_dir: a node-local folder fails there, in a
-        # message many lines long whose last line is a link.
+        # message many lines long whose last line is a link. Matched by text: ray 2.60.0 raises it as a
+        # plain RuntimeError (ray.train's StorageContext), and the trial's error file is text.
         return SHARED_STORAGE_HINT
     lines = [ln for ln in text.splitlines() if ln.strip()]
     return lines[-1][:300] if lines else "see the trial's error file"
 
 
-def _read_trials(sweep_dir: Path) -> list[sweep_results.TrialRecord]:
+def _read_trials(sweep_dir: Path) -> list[results.TrialRecord]:
     analysis = tune.ExperimentAnalysis(str(sweep_dir))
     frames = analysis.trial_dataframes
     out = []
@@ -242,7 +237,7 @@ def _read_trials(sweep_dir: Path) -> list[sweep_results.TrialRecord]:
         frame = frames.get(trial.trial_id)
         history = frame.to_dict("records") if frame is not None else []
         error = _error_line(trial) if trial.status == "ERROR" else None
-        out.append(sweep_results.TrialRecord(trial_id=trial.trial_id, status=trial.status,
+        out.append(results.TrialRecord(trial_id=trial.trial_id, status=trial.status,
                                              params=dict(trial.config.get("params", {})),
                                              last=dict(trial.last_result or {}), history=history, error=error))
     return out
@@ -250,14 +245,14 @@ def _read_trials(sweep_dir: Path) -> list[sweep_results.TrialRecord]:
 
 def _finish(sweep_dir: Path, plan: SweepPlan, parent: SweepRun, trials, console: Console, interrupted: bool) -> None:
     """The table, Parquet, best job, plots; child runs settled; the parent run closed."""
-    table = sweep_results.rows(trials, plan)
+    table = results.rows(trials, plan)
     name = plan.sweep["name"]
-    sweep_results.print_table(table, plan, console, title=f"{sweep_dir.name}: {plan.metric} ({plan.mode})")
+    results.print_table(table, plan, console, title=f"{sweep_dir.name}: {plan.metric} ({plan.mode})")
     files = [sweep_dir / "results.parquet"]
-    sweep_results.write_parquet(table, files[0])
-    best = sweep_results.best(table, plan)
+    results.write_parquet(table, files[0])
+    best = results.best(table, plan)
     if best is not None:
-        (sweep_dir / "best.yaml").write_text(sweep_results.best_job_yaml(plan, best, name))
+        (sweep_dir / "best.yaml").write_text(results.best_job_yaml(plan, best, name))
         files.append(sweep_dir / "best.yaml")
         console.print(f"best: trial {best['trial']} {plan.metric} = {best[plan.metric]:.4g} "
                       f"({trial_label({k: best[k] for k in plan.space})}); job file {sweep_dir / 'best.yaml'}",
@@ -273,9 +268,9 @@ def _finish(sweep_dir: Path, plan: SweepPlan, parent: SweepRun, trials, console:
     if x is not None:
         figures[f"{plan.metric}_vs_{x}.png"] = plots.sweep_scatter(table, plan.metric, plan.mode, name, x=x)
     # Rendered once: the sweep folder's PNGs are what the parent run gets.
-    pngs = [plots.save_png(fig, sweep_dir / fname) for fname, fig in figures.items()]
+    pngs = [save_png(fig, sweep_dir / fname) for fname, fig in figures.items()]
     parent.settle_children(outcomes)
-    counts = {f"trials_{k}": sum(r["outcome"] == k for r in table) for k in sweep_results.ORDER}
+    counts = {f"trials_{k}": sum(r["outcome"] == k for r in table) for k in results.ORDER}
     metrics = {**counts, **({f"best_{plan.metric}": best[plan.metric]} if best else {})}
     parent.finish(metrics, files, pngs, status="KILLED" if interrupted else "FINISHED")
     console.print(f"results: {files[0]}  ({len(table)} trials: "

@@ -27,7 +27,7 @@ from rich.console import Console
 from metadist.runtime.checkpoint import load_checkpoint
 from metadist.runtime.driver import Callback, Trainer
 from metadist.runtime.errors import TrainingDiverged
-from metadist.sweep import SweepPlan, short_names
+from metadist.sweeps.plan import SweepPlan, short_names
 from metadist.tracking import Tracker
 
 

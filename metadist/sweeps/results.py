@@ -23,7 +23,7 @@ from rich import box
 from rich.table import Table
 
 from metadist.config import dump_config, from_dict, to_dict
-from metadist.sweep import SweepPlan, short_names
+from metadist.sweeps.plan import SweepPlan, short_names
 
 ORDER = {"finished": 0, "stopped": 1, "unfinished": 2, "diverged": 3, "error": 4}
 

@@ -4,13 +4,12 @@ A sweep file (`jobs/sweeps/*.yaml`) is validated like a job: typed dataclasses w
 unknown keys and bad values rejected with one error naming the key. `plan_sweep` resolves it against
 its base job: every value the space can produce is checked against the job config before any trial
 starts, the metric and its direction are settled, and the trials' shared job config is built.
-This module knows nothing of Ray; `metadist.tune` turns a plan into a Tune experiment.
+This module knows nothing of Ray; `metadist.sweeps.driver` turns a plan into a Tune experiment.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 from dataclasses import dataclass as plain_dataclass, field
 from pathlib import Path
@@ -20,13 +19,13 @@ import yaml
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
-from metadist.config import (_STRICT, Config, ConfigError, NonNegInt, PositiveFloat, PositiveInt, field_docs,
-                             from_dict, parse_override, read_yaml, set_path, to_dict, validate)
+from metadist.config import (STRICT, Config, ConfigError, NonNegInt, PositiveFloat, PositiveInt, field_docs,
+                             from_dict, parse_override, read_yaml, set_path, to_dict, to_plain, validate)
 
 KINDS = ("loguniform", "uniform", "choice", "grid")
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class Dimension:
     loguniform: Optional[tuple[PositiveFloat, PositiveFloat]] = None
     """Sample log-uniformly in [lo, hi] (both positive): learning rates."""
@@ -46,7 +45,7 @@ class Dimension:
         return getattr(self, self.kind)
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class SchedulerConfig:
     name: Literal["asha", "none"] = "asha"
     """`asha` stops trials whose validation metric trails the others at each rung; `none` runs every trial
@@ -57,11 +56,11 @@ class SchedulerConfig:
     """ASHA keeps about 1 in this many trials at each rung."""
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class SweepConfig:
     base: str
-    """The job every trial starts from, e.g. `jobs/sine/maml.yaml` (relative to the working directory,
-    or else to the sweep file)."""
+    """The job every trial starts from: a path relative to the sweep file (`../sine/maml.yaml`), else to
+    the working directory (`jobs/sine/maml.yaml` from the repository), or absolute."""
     space: dict[str, Dimension]
     """Config keys to search, each with one of `loguniform: [lo, hi]`, `uniform: [lo, hi]`,
     `choice: [...]` or `grid: [...]`, e.g. `inner.lr: {loguniform: [0.001, 1.0]}`."""
@@ -126,7 +125,10 @@ def sweep_from_dict(data: Any, overrides: list[str] | tuple[str, ...] = ()) -> S
     are base-job overrides; `space.<config key>={...}` replaces one dimension."""
     if not isinstance(data, dict):
         raise ConfigError(f"a sweep file is a mapping of keys; got {type(data).__name__}")
-    data = yaml.safe_load(yaml.safe_dump(data))
+    data = copy.deepcopy(data)  # the overrides below must not change the caller's dict
+    if isinstance(data.get("space"), dict):
+        # Sorted keys: the order of Tune's sampling, trial labels and table columns, as it has always been.
+        data["space"] = dict(sorted(data["space"].items()))
     for text in overrides:
         key, value = parse_override(text)
         head = key.split(".", 1)[0]
@@ -202,21 +204,28 @@ def config_with(job: dict, params: dict[str, Any]) -> Config:
     return from_dict(data)
 
 
-def _base_path(base: str, sweep_file: Path | None) -> Path:
-    candidates = [Path(base)]
-    if sweep_file is not None and not Path(base).is_absolute():
-        candidates.append(Path(sweep_file).parent / base)
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise ConfigError(f"base: job file {base!r} not found (looked in: {', '.join(str(c) for c in candidates)})")
+def base_path(base: str, sweep_file: Path | None = None) -> Path:
+    """The base job file: beside the sweep file first (as compose files resolve theirs), else from the
+    working directory (the repository-relative form, `base: jobs/sine/maml.yaml` run from the repository)."""
+    path = Path(base)
+    if path.is_absolute():
+        if path.is_file():
+            return path
+        raise ConfigError(f"base: job file {base!r} not found")
+    places = {"beside the sweep file": Path(sweep_file).parent / path} if sweep_file is not None else {}
+    places["in the working directory"] = Path.cwd() / path
+    for candidate in places.values():
+        if candidate.is_file():
+            return candidate
+    looked = " nor ".join(f"{where} ({candidate})" for where, candidate in places.items())
+    raise ConfigError(f"base: job file {base!r} not found {looked}")
 
 
 def plan_sweep(sweep: SweepConfig, sweep_file: Path | None = None) -> SweepPlan:
     """Resolve the base job, check every value the space can produce, settle metric and mode."""
     from metadist.config import load_config
 
-    cfg = load_config(_base_path(sweep.base, sweep_file), sweep.overrides)
+    cfg = load_config(base_path(sweep.base, sweep_file), sweep.overrides)
     job = to_dict(cfg)
     known = field_docs()
     for key, dim in sweep.space.items():
@@ -255,22 +264,12 @@ def plan_sweep(sweep: SweepConfig, sweep_file: Path | None = None) -> SweepPlan:
     if sweep.scheduler.name == "asha" and grace >= cfg.train.steps:
         raise ConfigError(f"scheduler.grace_period: {grace} steps is not below train.steps={cfg.train.steps}; "
                           f"ASHA could never stop a trial (lower it, or use scheduler.name: none)")
-    return SweepPlan(sweep=to_dict_sweep(sweep), job=job,
+    plain = to_plain(sweep)
+    # Each dimension as a sweep file writes it: only the one kind it has.
+    plain["space"] = {k: {kind: v for kind, v in dim.items() if v is not None} for k, dim in plain["space"].items()}
+    return SweepPlan(sweep=plain, job=job,
                      space={k: (d.kind, d.values) for k, d in sweep.space.items()},
                      metric=metric, mode=mode, report_every=report_every, grace_period=grace)
-
-
-def to_dict_sweep(sweep: SweepConfig) -> dict:
-    """The sweep as plain YAML-safe types."""
-    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(sweep))))
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items() if v is not None or k not in KINDS}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def short_names(keys: list[str]) -> dict[str, str]:

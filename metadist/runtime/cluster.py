@@ -1,0 +1,54 @@
+"""Joining a Ray cluster, or starting a local Ray: the one way the executors and the sweep driver connect.
+
+The address is the configured one, else $RAY_ADDRESS (set by Ray's job server inside a submitted job),
+else a local instance is started here and its owner stops it. A named address is probed first, so a
+head that is not there is one error at once instead of `ray.init`'s minutes of retries.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from metadist.net import unreachable
+from metadist.runtime.errors import ClusterError
+
+
+def connect(address: str | None, *, key: str = "runtime.address", num_cpus: int | None = None,
+            num_gpus: int | None = None, object_store_mb: int | None = None, dashboard: bool = False,
+            log_to_driver: bool = True) -> bool:
+    """Make sure this process is connected to Ray; True if it started the instance (and must stop it).
+
+    `key` names the config key of `address` in errors. The other arguments size and shape a local
+    instance (`num_cpus` defaults to this machine's cores); `log_to_driver` applies to joining too.
+    """
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address, key)
+        try:
+            ray.init(address=address, configure_logging=False, log_to_driver=log_to_driver)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise ClusterError(f"{key}={address!r}: could not join the Ray cluster "
+                               f"({str(err).splitlines()[0][:300]})") from None
+        return False
+    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, num_gpus=num_gpus,
+             object_store_memory=object_store_mb * 1024 * 1024 if object_store_mb else None,
+             include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False,
+             log_to_driver=log_to_driver)
+    return True
+
+
+def check_reachable(address: str, key: str = "runtime.address", timeout: float = 5.0) -> None:
+    """Fail fast, instead of ray.init's long retries, when host:port does not answer at all."""
+    if address == "auto":
+        return
+    try:
+        silent = unreachable(address, timeout=timeout)
+    except ValueError:
+        raise ClusterError(f"{key}={address!r}: expected 'auto', 'host:port' or 'ray://host:port'") from None
+    if silent:
+        raise ClusterError(f"{key}={address!r}: {silent}; start a head with cluster/start-head.sh, or leave "
+                           f"{key} empty for a local Ray")
