@@ -1,4 +1,4 @@
-"""Meta-gradient throughput (tasks/s) of metadist against higher and TorchOpt, in one process.
+"""Meta-gradient throughput (tasks/s) of metadist against higher, TorchOpt and torch.func, in one process.
 
 Every variant computes the same thing: the gradient, w.r.t. the initial weights, of the summed query
 losses after `steps` inner SGD steps per task, second order (through the inner gradients), BatchNorm
@@ -302,7 +302,8 @@ def check_same(cfg: Config, results: dict, tolerance: float, what: str, log) -> 
     wrong = {name for name, d in diffs.items() if not d <= tolerance}
     for name in sorted(wrong):
         if name in OURS:
-            raise SystemExit(f"{cfg.name}: {name} computes a different meta-gradient ({what}: {diffs[name]:.2e} > {tolerance})")
+            raise SystemExit(f"{cfg.name}: {name} computes a different meta-gradient "
+                             f"({what}: {diffs[name]:.2e} > {tolerance})")
         # A peer that computes something else is not timed: its speed would not be comparable.
         log(f"  {name} computes a different meta-gradient ({what}: {diffs[name]:.2e} > {tolerance}): not timed")
     return wrong
