@@ -1,25 +1,50 @@
-"""Meta-gradient throughput (tasks/s) of metadist against higher and TorchOpt, in one process.
+"""Meta-gradient throughput (tasks/s) of metadist against higher, TorchOpt and torch.func, in one process.
 
 Every variant computes the same thing: the gradient, w.r.t. the initial weights, of the summed query
 losses after `steps` inner SGD steps per task, second order (through the inner gradients), BatchNorm
 with the statistics of the batch being passed. Before timing, the script stops unless every variant's
 meta-gradient matches ours-vmap: in float64 on the first two tasks to 1e-9 (a tight check that they
-compute the same function), and on the first float32 call, the one timed, to a looser tolerance.
+compute the same function), and on the first float32 call (the warm-up) to a looser tolerance.
+ours-auto builds its own float32 model replica and batch, so it is checked on its first float32 call
+only; agreeing there also shows that it ran on the same tasks as the others.
 (Float32 cannot do better on Conv-4: a rounding-level change can flip a ReLU or a max-pool choice, and
 the second-order meta-gradient is discontinuous there; in float64, perturbing the Mini-ImageNet
 config's weights by 6e-8 relative moves its meta-gradient by 6e-3.)
 
+A peer that fails either check is reported as `wrong grad` and not timed; one of ours failing stops
+the script. (torch.func-vmap and TorchOpt-functorch fail on Conv-4 with torch 2.13: under `vmap`,
+the second-order gradient through BatchNorm's batch statistics comes out wrong, 6e-3 relative in
+float64 on the Omniglot config, with non-zero meta-gradients for the conv biases in front of
+BatchNorm, which are exactly zero; the same task function without vmap, torch.func-loop, agrees.)
+
 Variants:
 - ours-vmap / ours-loop: `metadist.algorithms.maml` with `task_parallel` vmap / loop.
-- ours-auto: the mode `choose_task_parallel` picks (measured on the first tasks of the batch, as the
-  runtime does at start-up); its tasks/s is that mode's.
+- ours-auto: the runtime's own unit of work, `metadist.runtime.local.TaskShard` of a run config with
+  `algorithm.task_parallel: auto`, used as the runtime uses it: `TaskShard.choose_task_parallel`
+  resolves auto once by timing both modes on the first batch, then `TaskShard.compute` runs the chosen
+  mode. The selection and the first step are reported on their own, as the one-off cost of a run, and
+  the steady calls after them are timed like the others. A
+  shard draws its tasks itself, so every variant runs on the batch of the run config's task family
+  (`sinusoid`, or `noise`: random-pixel episodes of the few-shot shape), and the steady auto calls
+  include drawing that batch (the log reports its cost; next to a Conv-4 call it is nothing).
 - higher: `higher.innerloop_ctx` per task with `torch.optim.SGD`, query loss backward per task, as in
   higher's MAML example.
 - TorchOpt: `torchopt.MetaSGD` on the module, `extract_state_dict`/`recover_state_dict` around each
   task, as in TorchOpt's MAML example (backward per task rather than over the stacked losses: the same
   gradient, one task's graph in memory at a time).
+- torch.func-vmap: PyTorch's functorch MAML example written with `torch.func`: `functional_call` of
+  the module, `grad` of the support loss for the inner steps, `vmap` of that task function over the
+  tasks, one backward of the summed query losses. BatchNorm without running statistics
+  (`torch.func.replace_all_batch_norm_modules_`, as that example does), so batch statistics as in the
+  other peers.
+- torch.func-loop: the same task function called task by task, backward per task.
+- TorchOpt-functorch: TorchOpt's FuncTorch MAML example: the torch.func task function with the inner
+  step taken by TorchOpt's functional `torchopt.sgd` (`update` and `apply_updates` with
+  `inplace=False`), `vmap` over the tasks.
 The peers use standard modules (nn.Conv2d, nn.BatchNorm2d in train mode, nn.ReLU, nn.MaxPool2d,
-nn.Linear) holding the same initial weights as our model.
+nn.Linear) holding the same initial weights as our model. The report gives each of our modes against
+the strongest peer of the row (the fastest of the five), and vmap and loop against their like-for-like
+torch.func peers.
 
 Our variants run as the trainer does on the steps it does not log: meta-gradient and post-adaptation
 query metrics, without the pre-adaptation query forward (one more forward per task, about a tenth of a
@@ -29,7 +54,7 @@ Timing: each variant is called once (checked, warm-up), then `repeats` times rou
 background load falls on all alike; the median call is reported. Images are random tensors: data
 loading is not part of this benchmark.
 
-    python bench/inner_loop.py                 # all configs, 1 and 2 threads (about 10 minutes on 2 cores)
+    python bench/inner_loop.py                 # all configs, 1 and 2 threads (about 30 minutes on 2 cores)
     python bench/inner_loop.py --quick         # smoke test
     python bench/inner_loop.py --configs sinusoid --threads 1 --repeats 10
 """
@@ -37,6 +62,7 @@ loading is not part of this benchmark.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -49,13 +75,17 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from metadist.algorithms.batching import choose_task_parallel  # noqa: E402
+from metadist import config as run_config  # noqa: E402
 from metadist.algorithms.maml import maml  # noqa: E402
 from metadist.algorithms.spec import InnerSpec  # noqa: E402
 from metadist.models.conv4 import Conv4  # noqa: E402
 from metadist.models.mlp import MLP  # noqa: E402
 from metadist.episode import Episode  # noqa: E402
-from metadist.tasks.sinusoid import SinusoidTasks  # noqa: E402
+from metadist.runtime.local import TaskShard  # noqa: E402
+from metadist.tasks import build_tasks  # noqa: E402
+
+PEERS = ("higher", "TorchOpt", "torch.func-vmap", "torch.func-loop", "TorchOpt-functorch")
+OURS = ("ours-vmap", "ours-loop", "ours-auto")
 
 
 @dataclass(frozen=True)
@@ -90,15 +120,25 @@ CONFIGS = {
 
 # ---------------------------------------------------------------------------------------------- setup
 
-def make_batch(cfg: Config, gen: torch.Generator) -> Episode:
+def job(cfg: Config, threads: int = 0) -> run_config.Config:
+    """The run config whose `TaskShard` is ours-auto: this bench config with `task_parallel: auto`."""
     if cfg.model == "mlp":
-        return SinusoidTasks(seed=0).sample(0, range(cfg.tasks), cfg.shots, cfg.query)
-    shape = (cfg.channels, cfg.image_size, cfg.image_size)
-    n_s, n_q = cfg.ways * cfg.shots, cfg.ways * cfg.query
-    ys = torch.arange(cfg.ways).repeat_interleave(cfg.shots).expand(cfg.tasks, -1).contiguous()
-    yq = torch.arange(cfg.ways).repeat_interleave(cfg.query).expand(cfg.tasks, -1).contiguous()
-    return Episode(torch.randn(cfg.tasks, n_s, *shape, generator=gen), ys,
-                   torch.randn(cfg.tasks, n_q, *shape, generator=gen), yq)
+        task, model = {"family": "sinusoid"}, {"name": "mlp", "hidden": [40, 40]}
+    else:
+        task = {"family": "noise", "ways": cfg.ways}
+        model = {"name": "conv4", "channels": cfg.channels, "filters": cfg.filters, "image_size": cfg.image_size}
+    task.update(shots=cfg.shots, query=cfg.query)
+    return run_config.from_dict({
+        "seed": 0, "task": task, "model": model,
+        "algorithm": {"name": "maml", "task_parallel": "auto"},
+        # eval.steps = steps: the shard's Conv-4 then has the bench model's per-step BatchNorm buffers.
+        "inner": {"steps": cfg.steps, "lr": cfg.lr}, "eval": {"steps": cfg.steps},
+        "train": {"meta_batch": cfg.tasks}, "runtime": {"threads": threads}, "tracking": {"enabled": False}})
+
+
+def make_batch(cfg: Config) -> Episode:
+    """Outer step 0's tasks of the run config's task family: the batch the shard of ours-auto draws."""
+    return build_tasks(job(cfg)).sample(0, range(cfg.tasks), cfg.shots, cfg.query)
 
 
 def make_models(cfg: Config) -> tuple[nn.Module, nn.Module, dict[str, str]]:
@@ -180,6 +220,47 @@ def torchopt_variant(cfg: Config, peer: nn.Module, batch: Episode, names: dict[s
     return run
 
 
+def torch_func_variant(cfg: Config, peer: nn.Module, batch: Episode, names: dict[str, str],
+                       mode: str, inner: str = "plain"):
+    """PyTorch's functorch MAML recipe on `torch.func`: `mode` vmap or loop over the tasks; the inner
+    step written out (`plain`) or taken by TorchOpt's functional SGD (`torchopt`, its FuncTorch example)."""
+    from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
+
+    loss = loss_fn(cfg)
+    # Under vmap a BatchNorm cannot update running statistics in place; the recipe drops them (in
+    # training mode the output is the same: batch statistics).
+    net = replace_all_batch_norm_modules_(copy.deepcopy(peer))
+    params = dict(net.named_parameters())
+    buffers = dict(net.named_buffers())
+
+    def support_loss(p, x, y):
+        return loss(functional_call(net, (p, buffers), (x,)), y)
+
+    def task_loss(p, xs, ys, xq, yq):
+        if inner == "torchopt":
+            import torchopt
+            opt = torchopt.sgd(lr=cfg.lr)
+            state = opt.init(p)
+        for _ in range(cfg.steps):
+            g = grad(support_loss)(p, xs, ys)
+            if inner == "torchopt":
+                updates, state = opt.update(g, state, inplace=False)
+                p = torchopt.apply_updates(p, updates, inplace=False)
+            else:
+                p = {k: p[k] - cfg.lr * g[k] for k in p}
+        return loss(functional_call(net, (p, buffers), (xq,)), yq)
+
+    def run():
+        net.zero_grad(set_to_none=True)
+        if mode == "vmap":
+            vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(params, *batch.tensors()).sum().backward()
+        else:
+            for t in range(batch.num_tasks):
+                task_loss(params, *(x[t] for x in batch.tensors())).backward()
+        return {names[n]: p.grad for n, p in net.named_parameters()}
+    return run
+
+
 def max_rel_diff(got: dict, ref: dict) -> float:
     # Relative to the largest entry over all tensors: conv biases in front of BatchNorm have an exact
     # meta-gradient of zero, so their float32 values are pure rounding and a per-tensor ratio means nothing.
@@ -190,10 +271,9 @@ def max_rel_diff(got: dict, ref: dict) -> float:
 # ------------------------------------------------------------------------------------------------ run
 
 def setup(cfg: Config, dtype=torch.float32, tasks: int | None = None):
-    gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model, peer, names = make_models(cfg)
-    batch = make_batch(cfg, gen)
+    batch = make_batch(cfg)
     if tasks is not None:
         batch = batch.slice(0, tasks)
     model, peer = model.to(dtype), peer.to(dtype)
@@ -208,41 +288,64 @@ def setup(cfg: Config, dtype=torch.float32, tasks: int | None = None):
         "ours-loop": ours(model, params, batch, spec.with_(task_parallel="loop")),
         "higher": higher_variant(cfg, peer, batch, names),
         "TorchOpt": torchopt_variant(cfg, peer, batch, names),
+        "torch.func-vmap": torch_func_variant(cfg, peer, batch, names, "vmap"),
+        "torch.func-loop": torch_func_variant(cfg, peer, batch, names, "loop"),
+        "TorchOpt-functorch": torch_func_variant(cfg, peer, batch, names, "vmap", inner="torchopt"),
     }
-    return model, params, batch, spec, variants
+    return params, batch, spec, variants
 
 
-def check_same(cfg: Config, results: dict, tolerance: float, what: str, log) -> None:
+def check_same(cfg: Config, results: dict, tolerance: float, what: str, log) -> set[str]:
+    """The peers whose meta-gradient differs from ours-vmap's; stops if one of ours differs."""
     ref = results["ours-vmap"]
     diffs = {name: max_rel_diff(g, ref) for name, g in results.items() if name != "ours-vmap"}
     log(f"  {what}: max |x - ours-vmap| / max |ours-vmap|: " + ", ".join(f"{n} {d:.1e}" for n, d in diffs.items()))
-    for name, d in diffs.items():
-        if not d <= tolerance:
-            raise SystemExit(f"{cfg.name}: {name} computes a different meta-gradient ({what}: {d:.2e} > {tolerance})")
+    wrong = {name for name, d in diffs.items() if not d <= tolerance}
+    for name in sorted(wrong):
+        if name in OURS:
+            raise SystemExit(f"{cfg.name}: {name} computes a different meta-gradient "
+                             f"({what}: {diffs[name]:.2e} > {tolerance})")
+        # A peer that computes something else is not timed: its speed would not be comparable.
+        log(f"  {name} computes a different meta-gradient ({what}: {diffs[name]:.2e} > {tolerance}): not timed")
+    return wrong
 
 
-def check_float64(cfg: Config, log) -> None:
-    """Every variant on the first two tasks in float64: the same function to 1e-9."""
+def check_float64(cfg: Config, log, only: list[str] | None = None) -> set[str]:
+    """Every variant on the first two tasks in float64: the same function to 1e-9. Returns the peers that differ."""
     *_, variants = setup(cfg, torch.float64, tasks=min(cfg.tasks, 2))
-    check_same(cfg, {name: fn() for name, fn in variants.items()}, 1e-9, "float64, 2 tasks", log)
+    return check_same(cfg, {name: fn() for name, fn in variants.items()
+                            if not only or name in only or name == "ours-vmap"}, 1e-9, "float64, 2 tasks", log)
 
 
-def bench(cfg: Config, threads: int, repeats: int, log, only: list[str] | None = None) -> dict:
+def bench(cfg: Config, threads: int, repeats: int, log, only: list[str] | None = None,
+          wrong: set[str] = frozenset()) -> dict:
     torch.set_num_threads(threads)
-    model, params, batch, spec, variants = setup(cfg)
-    if only:
-        variants = {name: fn for name, fn in variants.items() if name in only or name == "ours-vmap"}
+    params, batch, spec, variants = setup(cfg)
+    variants = {name: fn for name, fn in variants.items()
+                if name not in wrong and (not only or name in only or name == "ours-vmap")}
     # First calls: the check that every variant computes the same meta-gradient, and the warm-up.
-    check_same(cfg, {name: fn() for name, fn in variants.items()}, cfg.tolerance,
-               f"float32, {threads} thread(s), first call", log)
+    first = {name: fn() for name, fn in variants.items()}
 
-    # What `task_parallel: auto` would run: measured on at most 8 tasks, as a runtime would at start-up.
+    selection_s = float("nan")
+    auto = "-"
+    if not only or "ours-auto" in only:
+        # The runtime's unit of work, as the driver uses it: at start `auto` is resolved once (both modes
+        # timed on the first batch), then every step runs the chosen mode.
+        shard = TaskShard(job(cfg, threads))
+        indices = range(cfg.tasks)
+        start = time.perf_counter()
+        auto = shard.choose_task_parallel(params, 0, spec, indices)
+        auto_spec = spec.with_(task_parallel=auto)
+        first["ours-auto"] = shard.compute(params, 0, auto_spec, indices)[0]
+        selection_s = time.perf_counter() - start
+        variants["ours-auto"] = lambda: shard.compute(params, 0, auto_spec, indices)[0]
+        log(f"  [{cfg.name}, {threads} thread(s)] auto chose {auto}; its first call (selection and the step) "
+            f"took {selection_s:.2f} s")
+    wrong = set(wrong) | check_same(cfg, first, cfg.tolerance, f"float32, {threads} thread(s), first call", log)
+    for name in wrong:
+        variants.pop(name, None)
     if only and "ours-vmap" not in only:
         del variants["ours-vmap"]
-    start = time.perf_counter()
-    auto = "-" if only and "ours-auto" not in only else choose_task_parallel(maml, model, params, batch.slice(0, min(cfg.tasks, 8)), spec,
-                                repeats=repeats)
-    log(f"  [{cfg.name}, {threads} thread(s)] auto chose {auto} in {time.perf_counter() - start:.1f} s")
 
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
@@ -252,27 +355,52 @@ def bench(cfg: Config, threads: int, repeats: int, log, only: list[str] | None =
             times[name].append(time.perf_counter() - start)
     rate = {name: cfg.tasks / statistics.median(t) for name, t in times.items()}
     log(f"  [{cfg.name}, {threads} thread(s)] median s/call: "
-        + ", ".join(f"{n} {statistics.median(t):.3f}" for n, t in times.items()))
-    rate["ours-auto"] = rate.get(f"ours-{auto}", float("nan"))
-    return {"config": cfg.name, "threads": threads, "auto": auto, "rate": rate,
-            "spread": {name: (min(t), max(t)) for name, t in times.items()}}
+        + ", ".join(f"{n} {statistics.median(t):.4f}" for n, t in times.items()))
+    if "ours-auto" in variants:
+        # What the shard's steady calls do besides the meta-gradient: draw the batch.
+        tasks = build_tasks(job(cfg))
+        draws = []
+        for _ in range(max(repeats, 3)):
+            start = time.perf_counter()
+            tasks.sample(0, range(cfg.tasks), cfg.shots, cfg.query)
+            draws.append(time.perf_counter() - start)
+        log(f"  [{cfg.name}, {threads} thread(s)] drawing the batch (inside each ours-auto call): "
+            f"{1e3 * statistics.median(draws):.2f} ms")
+    return {"config": cfg.name, "threads": threads, "auto": auto, "selection_s": selection_s, "rate": rate,
+            "wrong": sorted(wrong), "spread": {name: (min(t), max(t)) for name, t in times.items()}}
 
 
-def ratio(rate: dict, peer: str) -> str:
-    if "ours-auto" not in rate or peer not in rate or rate["ours-auto"] != rate["ours-auto"]:
+def strongest(rate: dict) -> str | None:
+    """The fastest peer of a row, or None when no peer was timed."""
+    peers = [p for p in PEERS if p in rate]
+    return max(peers, key=lambda p: rate[p]) if peers else None
+
+
+def ratio(rate: dict, ours_name: str, peer: str | None) -> str:
+    if ours_name not in rate or peer not in rate:
         return "-"
-    return f"{rate['ours-auto'] / rate[peer]:.2f}x"
+    return f"{rate[ours_name] / rate[peer]:.2f}x"
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["ours-vmap", "ours-loop", "ours-auto", "higher", "TorchOpt"]
-    out = ["| config | threads | " + " | ".join(c + " (tasks/s)" for c in cols)
-           + " | auto picked | ours-auto / TorchOpt | ours-auto / higher |",
-           "|" + "---|" * (len(cols) + 5)]
+    """Two markdown tables: tasks/s of every variant, then our modes' ratios to the peers."""
+    cols = [*OURS, *PEERS]
+    out = ["| config | threads | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
     for r in rows:
         rate = r["rate"]
-        out.append(f"| {r['config']} | {r['threads']} | " + " | ".join(f"{rate.get(c, float('nan')):.1f}" for c in cols)
-                   + f" | {r['auto']} | {ratio(rate, 'TorchOpt')} | {ratio(rate, 'higher')} |")
+        out.append(f"| {r['config']} | {r['threads']} | "
+                   + " | ".join(f"{rate[c]:.1f}" if c in rate else "wrong grad" if c in r["wrong"] else "-"
+                                for c in cols) + " |")
+    out += ["", "| config | threads | auto picked | auto's first call (s) | strongest peer | ours-auto / strongest "
+            "| ours-vmap / strongest | ours-loop / strongest | ours-vmap / torch.func-vmap "
+            "| ours-loop / torch.func-loop | ours-auto / TorchOpt | ours-auto / higher |", "|" + "---|" * 12]
+    for r in rows:
+        rate, best = r["rate"], strongest(r["rate"])
+        out.append(f"| {r['config']} | {r['threads']} | {r['auto']} | {r['selection_s']:.2f} | {best or '-'} | "
+                   + " | ".join([ratio(rate, "ours-auto", best), ratio(rate, "ours-vmap", best),
+                                 ratio(rate, "ours-loop", best), ratio(rate, "ours-vmap", "torch.func-vmap"),
+                                 ratio(rate, "ours-loop", "torch.func-loop"), ratio(rate, "ours-auto", "TorchOpt"),
+                                 ratio(rate, "ours-auto", "higher")]) + " |")
     return "\n".join(out)
 
 
@@ -282,8 +410,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 5, --quick 1)")
     ap.add_argument("--quick", action="store_true", help="one timed call per variant: a smoke test")
-    ap.add_argument("--variants", default="", help="time only these (comma-separated; ours-vmap is always "
-                    "run once as the reference for the checks)")
+    ap.add_argument("--variants", default="", help=f"time only these (comma-separated, of {[*OURS, *PEERS]}; "
+                    "ours-vmap is always run once as the reference for the checks)")
     ap.add_argument("--no-float64-check", action="store_true", help="skip the float64 check")
     args = ap.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 5)
@@ -293,6 +421,9 @@ def main(argv=None) -> None:
         ap.error(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
     threads = [int(t) for t in args.threads.split(",")]
     only = [v.strip() for v in args.variants.split(",") if v.strip()] or None
+    bad = [v for v in only or [] if v not in (*OURS, *PEERS)]
+    if bad:
+        ap.error(f"unknown variant(s) {bad}; choose from {[*OURS, *PEERS]}")
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -301,10 +432,9 @@ def main(argv=None) -> None:
     rows = []
     for name in names:
         log(f"{name}: {CONFIGS[name].description}")
-        if not args.no_float64_check:
-            check_float64(CONFIGS[name], log)
+        wrong = set() if args.no_float64_check else check_float64(CONFIGS[name], log, only)
         for n in threads:
-            rows.append(bench(CONFIGS[name], n, repeats, log, only))
+            rows.append(bench(CONFIGS[name], n, repeats, log, only, wrong))
     print(table(rows))
 
 
