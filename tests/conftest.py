@@ -39,3 +39,12 @@ def crash_at(trainer, step: int) -> None:
             raise KeyboardInterrupt
 
     trainer.callbacks.append(Callback(Every(1), crash))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago: nothing listens on it."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

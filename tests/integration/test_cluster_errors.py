@@ -10,6 +10,9 @@ import ray
 from metadist.runtime.driver import Trainer
 from metadist.runtime.errors import ClusterError
 
+# These tests check that a failed start leaves no Ray behind, so none may be running before them.
+pytestmark = pytest.mark.usefixtures("no_local_ray")
+
 
 def _start(cfg):
     trainer = Trainer(cfg)

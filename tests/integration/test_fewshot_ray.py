@@ -26,9 +26,10 @@ def synth(tmp_path_factory):
 def _cfg(name, synth, tmp_path, *extra):
     return load_config(ROOT / f"jobs/miniimagenet/{name}-debug.yaml",
                        [f"data.path={synth}", f"train.out_dir={tmp_path}", "train.steps=80", "eval.episodes=40",
-                        "runtime.cpus_per_worker=0.5", *extra])
+                        "runtime.cpus_per_worker=0.5", "tracking.enabled=false", *extra])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["maml", "fomaml", "reptile", "anil", "metasgd"])
 def test_debug_job_trains_above_chance_on_ray(name, synth, tmp_path, local_ray):
     summary = Trainer(_cfg(name, synth, tmp_path)).fit(progress=False)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from metadist.cli import app
 
-from ..conftest import ROOT
+from ..conftest import ROOT, free_port
 
 runner = CliRunner()
 JOB = str(ROOT / "jobs/sine/maml-debug.yaml")
@@ -113,17 +113,9 @@ def test_cli_convert_choices_are_the_librarys():
     assert [c.value for c in cli.ResizeFilter] == list(convert.FILTERS)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:  # free a moment ago: nothing listens on it
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_every_command_turns_every_user_error_into_one_line(tmp_path):
     """Each command, with a bad input of each error class it can meet: one `error:` line, exit 2."""
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     img = str(ROOT / "jobs/miniimagenet/maml-debug.yaml")
     not_a_dataset = tmp_path / "empty"
     not_a_dataset.mkdir()

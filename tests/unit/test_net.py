@@ -8,6 +8,8 @@ import pytest
 
 from metadist.net import unreachable
 
+from ..conftest import free_port
+
 
 @pytest.fixture
 def listening():
@@ -17,11 +19,9 @@ def listening():
         yield s.getsockname()[1]
 
 
-@pytest.fixture
-def free_port():
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens on it
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(name="free_port")
+def _free_port():
+    return free_port()
 
 
 def test_every_address_form_reaches_a_listening_port(listening):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from metadist.runtime.submit import job_env
 from metadist.store_uri import SUBMITTER_URI, tracking_uri
 from metadist.tracking import TrackingError, check_store
 
-from ..conftest import ROOT
+from ..conftest import ROOT, free_port
 
 
 def test_store_precedence(monkeypatch, tmp_path):
@@ -39,10 +38,7 @@ def test_submitted_jobs_get_the_submitters_store_as_a_fallback_only(monkeypatch)
 
 
 def test_a_server_nobody_runs_is_one_error_at_once():
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens on it
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
+    uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     with pytest.raises(TrackingError, match=f"nothing answers at the MLflow server {uri}"):
         check_store(MlflowClient(uri), uri)
