@@ -289,8 +289,8 @@ class Trainer:
         summary = self.summary(self.evaluate(), checkpoint)
         if self.tracker is not None:
             model_path = self.run_dir / "model.pt"
-            torch.save({"config": to_dict(self.cfg), "params": {k: v.detach().cpu() for k, v in self.params.items()},
-                        "buffers": {k: v.cpu() for k, v in self.model.named_buffers()}}, model_path)
+            state = self.state()  # the model file is the checkpoint's config, parameters and buffers
+            torch.save({k: state[k] for k in ("config", "params", "buffers")}, model_path)
             files = {name: self.run_dir / name for name in ("eval.json", "metrics.jsonl")}
             self.tracker.finish(self.step, summary["eval"], files=files, model=model_path,
                                 figures=self.figures(summary["eval"]),
