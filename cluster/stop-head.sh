@@ -18,15 +18,33 @@ PIDS=""
 for pid in $(cat "$STATE/pids"); do
   kill -0 "$pid" 2>/dev/null && PIDS="$PIDS $(tree "$pid")"
 done
-alive() { for p in $PIDS; do kill -0 "$p" 2>/dev/null && echo "$p"; done; true; }
-if [[ -n "${PIDS// /}" ]]; then
-  kill -TERM $PIDS 2>/dev/null || true
-  for _ in $(seq 1 50); do
-    [[ -z "$(alive)" ]] && break
+alive() { for p in "$@"; do kill -0 "$p" 2>/dev/null && echo "$p"; done; true; }
+# In the order `ray stop` uses: the raylet (and the workers it spawned) first, GCS last. Signalled all
+# at once, the raylet and GCS wait on each other and outlive a 10 s grace period; in order, each group
+# ends within a second or two.
+stop() {  # TERM a group, up to 5 s for it to go, then KILL what is left
+  [[ $# -eq 0 ]] && return
+  kill -TERM "$@" 2>/dev/null || true
+  for _ in $(seq 1 25); do
+    [[ -z "$(alive "$@")" ]] && return
     sleep 0.2
   done
-  LEFT="$(alive)"
-  if [[ -n "$LEFT" ]]; then kill -KILL $LEFT 2>/dev/null || true; fi
-fi
+  # shellcheck disable=SC2046
+  kill -KILL $(alive "$@") 2>/dev/null || true
+}
+RAYLET=""; GCS=""; OTHERS=""
+for pid in $PIDS; do
+  case "$(ps -o comm= -p "$pid" 2>/dev/null)" in
+    raylet) RAYLET="$RAYLET $(tree "$pid")" ;;
+    gcs_server) GCS="$GCS $pid" ;;
+    *) OTHERS="$OTHERS $pid" ;;
+  esac
+done
+# shellcheck disable=SC2086
+stop $RAYLET
+# shellcheck disable=SC2086
+stop $(for p in $OTHERS; do case " $RAYLET " in *" $p "*) ;; *) echo "$p" ;; esac; done)
+# shellcheck disable=SC2086
+stop $GCS
 rm -f "$STATE/head.env" "$STATE/pids"
 echo "head stopped"
