@@ -11,7 +11,7 @@ import torch
 
 from metadist.runtime.driver import Trainer, resume_trainer
 
-from ..conftest import crash_at
+from ..conftest import crash_at, sine_config
 
 # Fractional CPUs so that three workers fit on the 2-CPU test cluster; one torch thread each.
 RAY = ["runtime.executor=ray", "runtime.cpus_per_worker=0.5", "runtime.threads=1"]
@@ -31,26 +31,34 @@ def _rel_err(a: dict, b: dict) -> float:
     return (num / den).item()
 
 
-def test_ray_workers_reproduce_the_local_executor(local_ray, sine_debug):
-    # 25 tasks: uneven shares for 2 (13 + 12) and 3 (9 + 8 + 8) workers.
-    ref, _ = _fit(sine_debug("train.steps=30", "eval.episodes=10"))
+# The configuration every test below runs: 30 steps of the sinusoid debug job, a checkpoint every 10.
+# 25 tasks: uneven shares for 2 (13 + 12) and 3 (9 + 8 + 8) workers.
+STEPS = ["train.steps=30", "train.checkpoint_every=10", "eval.episodes=10"]
+
+
+@pytest.fixture(scope="module")
+def two_workers(local_ray, tmp_path_factory):
+    """One uninterrupted run on 2 workers, and its summary: the reference of the tests below."""
+    return _fit(sine_config(tmp_path_factory.mktemp("w2"), *STEPS, *RAY, "runtime.workers=2"))
+
+
+def test_ray_workers_reproduce_the_local_executor(local_ray, sine_debug, two_workers):
+    ref, _ = _fit(sine_debug(*STEPS))
     for w in (1, 2, 3):
-        trainer, summary = _fit(sine_debug("train.steps=30", "eval.episodes=10", *RAY, f"runtime.workers={w}"))
+        trainer, summary = two_workers if w == 2 else _fit(sine_debug(*STEPS, *RAY, f"runtime.workers={w}"))
         assert _rel_err(trainer.params, ref.params) < 1e-5, w
         assert summary["runtime"]["workers"] == w and summary["runtime"]["executor"] == "ray"
     assert not local_ray.util.placement_group_table() or all(
         pg["state"] == "REMOVED" for pg in local_ray.util.placement_group_table().values())
 
 
-def test_same_seed_and_workers_are_bit_identical(local_ray, sine_debug):
-    a, _ = _fit(sine_debug("train.steps=15", "eval.episodes=10", *RAY, "runtime.workers=2"))
-    b, _ = _fit(sine_debug("train.steps=15", "eval.episodes=10", *RAY, "runtime.workers=2"))
-    assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+def test_same_seed_and_workers_are_bit_identical(sine_debug, two_workers):
+    again, _ = _fit(sine_debug(*STEPS, *RAY, "runtime.workers=2"))
+    assert all(torch.equal(again.params[k], two_workers[0].params[k]) for k in again.params)
 
 
-def test_worker_killed_mid_step_is_replaced_and_results_are_unchanged(local_ray, sine_debug):
-    cfg = sine_debug("train.steps=20", "eval.episodes=10", *RAY, "runtime.workers=2", "train.log_every=5")
-    clean, _ = _fit(cfg)
+def test_worker_killed_mid_step_is_replaced_and_results_are_unchanged(sine_debug, two_workers):
+    clean = two_workers[0]
     killed = []
 
     def kill_worker_1(step, executor):
@@ -60,7 +68,7 @@ def test_worker_killed_mid_step_is_replaced_and_results_are_unchanged(local_ray,
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(sine_debug(*STEPS, *RAY, "runtime.workers=2"))
     trainer.start()
     trainer.executor.after_submit = kill_worker_1
     summary = trainer.fit(progress=False)
@@ -70,11 +78,9 @@ def test_worker_killed_mid_step_is_replaced_and_results_are_unchanged(local_ray,
     assert all(torch.equal(trainer.params[k], clean.params[k]) for k in clean.params)
 
 
-def test_crashed_run_resumes_bit_identically(local_ray, sine_debug):
-    cfg = sine_debug("train.steps=30", "train.checkpoint_every=10", "eval.episodes=10", *RAY, "runtime.workers=2")
-    whole, whole_summary = _fit(cfg)
-
-    crashed = Trainer(cfg)
+def test_crashed_run_resumes_bit_identically(sine_debug, two_workers):
+    whole, whole_summary = two_workers
+    crashed = Trainer(sine_debug(*STEPS, *RAY, "runtime.workers=2"))
     crash_at(crashed, 25)  # the driver dies after this step
     with pytest.raises(KeyboardInterrupt):
         crashed.fit(progress=False)

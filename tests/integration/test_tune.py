@@ -100,10 +100,12 @@ def test_debug_sweep_with_a_diverging_trial(tmp_path, mlflow_store):
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, mlflow_store):
     out = tmp_path / "sweeps"
-    # 2 samples x 2 safe inner lrs = 4 trials, every one run to the end.
+    # 2 samples x 2 safe inner lrs = 4 trials, every one run to the end, two at a time. What is tested is
+    # the sweep's resume, so each trial trains in its own process (executor local, one CPU): the trials'
+    # worker actors are tested above.
     args = [SWEEP, "--set", "samples=2", "--set", "space.inner.lr={grid: [0.001, 0.003]}", "--set",
             "scheduler.name=none", *SHORT, "--set", "train.steps=60", "--set", "report_every=20",
-            "--set", f"out_dir={out}"]
+            "--set", "runtime.executor=local", "--set", "trial_cpus=1", "--set", f"out_dir={out}"]
     proc = subprocess.Popen([sys.executable, "-m", "metadist.cli", "tune", *args], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     client = MlflowClient(mlflow_store)
@@ -111,7 +113,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, m
         deadline = time.time() + 240
         finished_before: dict[str, tuple[str, int]] = {}
         while time.time() < deadline and len(finished_before) < 2:
-            time.sleep(2)
+            time.sleep(0.5)
             exp = client.get_experiment_by_name("sine-debug")
             if exp is None:
                 continue

@@ -215,7 +215,7 @@ def test_base_is_looked_up_beside_the_sweep_file_first_then_in_the_working_direc
                               f"({tmp_path / 'jobs/nope.yaml'})")
 
 
-def test_tune_plans_a_sweep_file_given_from_another_folder(tmp_path, monkeypatch):
+def test_tune_plans_a_sweep_file_given_from_another_folder(tmp_path, monkeypatch, mlflow_store):
     from typer.testing import CliRunner
 
     from metadist.cli import app
@@ -225,7 +225,10 @@ def test_tune_plans_a_sweep_file_given_from_another_folder(tmp_path, monkeypatch
     # Planning goes past the base job to the space check, which fails before Ray starts.
     res = CliRunner().invoke(app, ["tune", str(DEBUG), "--set", "space.inner.steps={choice: [0, 1]}"])
     assert res.exit_code == 2 and "space.inner.steps: value 0 is not a valid inner.steps" in res.output
-    assert not list(tmp_path.iterdir())  # no sweep folder, no store: nothing started
+    assert not list(tmp_path.iterdir())  # no sweep folder, no store here: nothing started
+    from mlflow.tracking import MlflowClient
+
+    assert [e.name for e in MlflowClient(mlflow_store).search_experiments()] == ["Default"]  # no parent run
 
 
 def test_the_plans_sweep_is_plain_data_as_the_file_writes_it():
