@@ -69,3 +69,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+
+RAY_MODULE = "tests/integration/test_ray_runtime.py::"  # a module whose every test uses Ray
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into groups
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (`make test` runs `-n auto --dist loadgroup`), every test that uses this
+    machine's Ray runs in one worker, one after another, as without xdist: they share one local Ray, and
+    two Ray instances on one machine compete for its CPUs and may join each other. The other tests run
+    beside them in the other workers."""
+    for item in items:
+        if {"local_ray", "no_local_ray"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """Refuse to run if the grouping above did not take effect. xdist marks a group by a suffix on each
+    node id, which pytest 9.2 no longer keeps (pytest-xdist issue 1386): the Ray tests would then run in
+    two workers at once."""
+    if node.config.option.dist == "loadgroup" and any(RAY_MODULE in i for i in ids) and not any(
+            i.endswith("@ray") for i in ids):
+        raise pytest.UsageError("--dist loadgroup did not group the Ray tests (pytest-xdist issue 1386 with "
+                                "pytest 9.2); install the pytest pinned in pyproject.toml")
