@@ -187,10 +187,17 @@ class Tracker:
         self.run_id = run.info.run_id
         log_params(self.client, self.run_id, flatten(to_dict(cfg)))
         self.client.log_batch(self.run_id, tags=[RunTag(f"system.{k}", str(v)) for k, v in system.items()])
-        self.client.log_inputs(self.run_id, datasets=[
-            DatasetInput(Dataset(name=d["name"], digest=d["digest"], source_type=d["source_type"],
-                                 source=d["source"], profile=d.get("profile")),
-                         tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["split"])]) for d in datasets])
+        inputs = [DatasetInput(Dataset(name=d["name"], digest=d["digest"], source_type=d["source_type"],
+                                       source=d["source"], profile=d.get("profile")),
+                               tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["split"])]) for d in datasets]
+        try:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        except MlflowException:
+            # The trials of a sweep log the same datasets at the same moment. MLflow's store (3.17.2)
+            # looks a dataset up and then inserts it, so the later of two inserts fails on the unique
+            # key; by then the dataset exists and a second call links the run to it. An error that is
+            # not that one fails again here.
+            self.client.log_inputs(self.run_id, datasets=inputs)
         self.client.log_artifact(self.run_id, str(Path(run_dir) / "config.yaml"))
 
     def log_record(self, record: dict) -> None:

@@ -76,3 +76,49 @@ def test_submitting_loads_no_mlflow():
                          timeout=120)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"codes": [0, 2], "mlflow": []}
+
+
+def _start(cfg, tmp_path, name: str):
+    from metadist.tracking import Tracker
+
+    tracker = Tracker(cfg)
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("{}\n")
+    return tracker, run_dir
+
+
+def test_a_dataset_another_run_inserted_meanwhile_is_linked(sine_debug, tmp_path, mlflow_store):
+    # Two trials of a sweep log the same dataset at once: the store looks it up, the other trial inserts
+    # it, and this insert fails on the unique key. The run still gets its input, and the store one row.
+    cfg = sine_debug()
+    datasets = [{"name": "sinusoid", "split": "train", "digest": "abc123", "source": "metadist:sinusoid",
+                 "source_type": "code", "profile": "{}"}]
+    other, other_dir = _start(cfg, tmp_path, "other")
+    tracker, run_dir = _start(cfg, tmp_path, "run")
+    real = tracker.client.log_inputs
+    calls = []
+
+    def racing(run_id, **kw):
+        calls.append(run_id)
+        if len(calls) == 1:  # the other trial inserts between this one's lookup and insert
+            other.start(other_dir, {}, datasets)
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                                  "datasets.name, datasets.digest")
+        return real(run_id, **kw)
+
+    tracker.client.log_inputs = racing
+    tracker.start(run_dir, {}, datasets)
+    client = MlflowClient(mlflow_store)
+    for run_id in (tracker.run_id, other.run_id):
+        (linked,) = client.get_run(run_id).inputs.dataset_inputs
+        assert linked.dataset.digest == "abc123" and linked.tags[0].value == "train"
+    assert len(calls) == 2
+
+    def broken(run_id, **kw):
+        raise MlflowException("the store is gone")
+
+    third, third_dir = _start(cfg, tmp_path, "third")
+    third.client.log_inputs = broken
+    with pytest.raises(MlflowException, match="the store is gone"):
+        third.start(third_dir, {}, datasets)
