@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 JOB    ?= jobs/quickstart.yaml
-# pip byte-compiles what it installs, which is half the install time here, and is kept: where
+# pip byte-compiles what it installs, 40% of the install time here, and that is kept: where
 # PYTHONDONTWRITEBYTECODE is set (it is here) nothing compiled later is kept, and every process that
 # imports torch, Ray and MLflow would compile them again (6 s instead of 2).
 PIP    := $(BIN)/pip install -q
