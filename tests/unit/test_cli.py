@@ -125,7 +125,7 @@ def test_every_command_turns_every_user_error_into_one_line(tmp_path):
         "DataError": (["train", img, "--set", "data.path=/nonexistent"], "no manifest.parquet"),
         "CheckpointError": (["train", "--resume", str(tmp_path / "bad.pt")], "not a readable metadist checkpoint"),
         "ClusterError": (["train", JOB, "--set", "runtime.executor=ray", "--set", f"runtime.address={dead}",
-                          "--set", "tracking.enabled=false"], f"nothing answers at {dead}"),
+                          "--set", "tracking.enabled=false", *_small(tmp_path)], f"nothing answers at {dead}"),
         "TrainingDiverged": (["train", JOB, "--set", "inner.lr=1e6", "--set", "tracking.enabled=false",
                               *_small(tmp_path)], "meta-gradient is not finite"),
         "TrackingError": (["train", JOB, "--set", f"tracking.uri=http://{dead}"], "nothing answers at the MLflow"),
