@@ -1,7 +1,10 @@
-"""Every algorithm's mini-ImageNet debug job meta-trains on Ray (2 workers streaming their own shards
-of a synthetic dataset): after training, one test-time step reaches a clearly lower loss on the test
-tasks than it did from the initial parameters, and the final accuracy is far above chance. A worker
-killed mid-step resumes its stream."""
+"""The mini-ImageNet debug jobs on a synthetic dataset. Every algorithm's job meta-trains: after
+training, one test-time step reaches a clearly lower loss on the test tasks than it did from the initial
+parameters, and the final accuracy is far above chance. On Ray (2 workers streaming their own shards)
+MAML's job does the same, and a worker killed mid-step, or a crashed driver, resumes its stream.
+
+The other algorithms run in-process: what Ray adds is the same for every algorithm, and in-process they
+run beside the tests that use Ray (make test's parallel workers) instead of after them."""
 
 from __future__ import annotations
 
@@ -31,21 +34,31 @@ def _cfg(name, synth, tmp_path, *extra):
                         "runtime.cpus_per_worker=0.5", "tracking.enabled=false", *extra])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["maml", "fomaml", "reptile", "anil", "metasgd"])
-def test_debug_job_meta_trains_on_ray(name, synth, tmp_path, local_ray):
-    trainer = Trainer(_cfg(name, synth, tmp_path))
+def _meta_trains(trainer: Trainer) -> dict:
     trainer.start()
     # On these easy synthetic classes even the initial parameters fine-tune well after 10 test-time steps,
     # so the test compares what meta-training is for: the loss after a single step.
     before = trainer.report(steps=1)["rows"][1]
     summary = trainer.fit(progress=False)
     rows = summary["eval"]["rows"]
-    assert summary["runtime"]["workers"] == 2
     after = rows[1]
     assert after["loss_mean"] + after["loss_ci95"] < before["loss_mean"] - before["loss_ci95"], (before, after)
     # 5-way: chance is 20%.
     assert rows[-1]["mean"] - rows[-1]["ci95"] > 40.0, rows[-1]
+    return summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fomaml", "reptile", "anil", "metasgd"])
+def test_every_algorithms_debug_job_meta_trains(name, synth, tmp_path):
+    summary = _meta_trains(Trainer(_cfg(name, synth, tmp_path, "runtime.executor=local")))
+    assert summary["runtime"]["executor"] == "local"
+
+
+@pytest.mark.slow
+def test_debug_job_meta_trains_on_ray(synth, tmp_path, local_ray):
+    summary = _meta_trains(Trainer(_cfg("maml", synth, tmp_path)))
+    assert summary["runtime"]["executor"] == "ray" and summary["runtime"]["workers"] == 2
 
 
 SHORT = ["train.steps=12", "train.checkpoint_every=5", "eval.episodes=5"]
