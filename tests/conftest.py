@@ -75,12 +75,13 @@ RAY_MODULE = "tests/integration/test_ray_runtime.py::"  # a module whose every t
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into groups
 def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (`make test` runs `-n auto --dist loadgroup`), every test that uses this
-    machine's Ray runs in one worker, one after another, as without xdist: they share one local Ray, and
-    two Ray instances on one machine compete for its CPUs and may join each other. The other tests run
-    beside them in the other workers."""
+    """Under pytest-xdist (`make test` runs `-n auto --dist loadgroup`), the tests that use this
+    process's Ray run in one worker, one after another, as without xdist: they share one local Ray, and
+    stop and start it around the modules that need it stopped. The modules whose commands start a Ray of
+    their own (tune, a head) name their own group; the other tests run beside both."""
     for item in items:
-        if {"local_ray", "no_local_ray"} & set(getattr(item, "fixturenames", ())):
+        if item.get_closest_marker("xdist_group") is None and \
+                {"local_ray", "no_local_ray"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.xdist_group("ray"))
 
 

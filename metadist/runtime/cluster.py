@@ -34,7 +34,9 @@ def connect(address: str | None, *, key: str = "runtime.address", num_cpus: int 
             raise ClusterError(f"{key}={address!r}: could not join the Ray cluster "
                                f"({str(err).splitlines()[0][:300]})") from None
         return False
-    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, num_gpus=num_gpus,
+    # address="local": a new instance, as `runtime.address` documents, never a cluster that `ray start`
+    # left running on this machine (which a bare ray.init() would join).
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, num_gpus=num_gpus,
              object_store_memory=object_store_mb * 1024 * 1024 if object_store_mb else None,
              include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False,
              log_to_driver=log_to_driver)

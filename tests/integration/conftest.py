@@ -13,7 +13,7 @@ def local_ray():
 
     if not ray.is_initialized():
         # Starting Ray costs about 10 s here: modules share this instance rather than each starting one.
-        ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
+        ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
                  configure_logging=False, log_to_driver=False)
     yield ray
     if ray.is_initialized():

@@ -12,7 +12,9 @@ from mlflow.tracking import MlflowClient
 
 from ..conftest import ROOT
 
-pytestmark = pytest.mark.usefixtures("no_local_ray")
+# Their own Ray (a `metadist tune`, a head): in a pytest-xdist worker of their own, beside the in-process
+# Ray tests, which mostly compute while these mostly wait on processes starting and polling.
+pytestmark = [pytest.mark.usefixtures("no_local_ray"), pytest.mark.xdist_group("ray-cli")]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,9 @@ from metadist.config import load_config
 
 from ..conftest import ROOT
 
-pytestmark = pytest.mark.usefixtures("no_local_ray")
+# Their own Ray (a `metadist tune`, a head): in a pytest-xdist worker of their own, beside the in-process
+# Ray tests, which mostly compute while these mostly wait on processes starting and polling.
+pytestmark = [pytest.mark.usefixtures("no_local_ray"), pytest.mark.xdist_group("ray-cli")]
 
 SWEEP = "jobs/sweeps/sine-debug.yaml"
 # The debug sweep, shorter still: what is tested is the sweep machinery, not how well trials learn.

@@ -14,3 +14,17 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def no_ray_in_this_process():
+    """Unit tests run with no Ray in their process. Under pytest-xdist a worker can come to them after
+    the integration tests' shared local Ray, which `cluster.connect` would then reuse whatever address a
+    test gives it."""
+    import sys
+
+    if "ray" in sys.modules:  # never imported here just to ask
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
