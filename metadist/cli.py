@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, get_args, get_type_hints
 
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from metadist.config import dump_config, field_docs, load_config
+from metadist.config import RuntimeConfig, dump_config, field_docs, load_config
 from metadist.errors import UserError
 
 err = Console(stderr=True)
@@ -64,6 +64,10 @@ class ResizeFilter(str, Enum):
     box = "box"
 
 
+# runtime.executor's values, taken from the config's own type.
+Executor = Enum("Executor", {v: v for v in get_args(get_type_hints(RuntimeConfig)["executor"])}, type=str)
+
+
 class WrongSize(str, Enum):
     resize = "resize"
     error = "error"
@@ -82,6 +86,9 @@ def train(job: Optional[Path] = typer.Argument(None, help="Job YAML, e.g. jobs/s
           resume: Optional[str] = typer.Option(
               None, "--resume", help="Continue a run from its last checkpoint: checkpoint.pt, its run "
                                      "folder, or the run's MLflow run id."),
+          executor: Optional[Executor] = typer.Option(
+              None, "--executor", help="With --resume: continue on this executor instead of the one that "
+                                       "wrote the checkpoint."),
           progress: bool = typer.Option(True, help="Show the progress bar.")):
     """Meta-train a job, evaluate it on the fixed test tasks, and write a checkpoint."""
     from metadist.runtime.driver import Trainer, resume_trainer
@@ -90,8 +97,10 @@ def train(job: Optional[Path] = typer.Argument(None, help="Job YAML, e.g. jobs/s
         _fail("give a job file, or --resume with a checkpoint, run folder or MLflow run id (not both)")
     if resume is not None and set_:
         _fail("--set cannot change a resumed run: it continues with the config in its checkpoint")
+    if executor is not None and resume is None:
+        _fail("--executor goes with --resume; a new run takes --set runtime.executor=...")
     if resume is not None:
-        trainer = resume_trainer(resume, console=err)
+        trainer = resume_trainer(resume, console=err, executor=executor.value if executor else None)
         err.print(f"resuming {trainer.run_dir} at step {trainer.step}")
     else:
         cfg = load_config(job, set_ or [])

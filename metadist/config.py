@@ -160,10 +160,11 @@ class EvalConfig:
 
 @dataclass(config=STRICT)
 class RuntimeConfig:
-    executor: Literal["local", "ray"] = "local"
-    """Where the inner loops run: `local` (in this process, the reference) or `ray` (worker actors)."""
+    executor: Literal["local", "ray", "collective"] = "local"
+    """Where the inner loops run: `local` (in this process, the reference), `ray` (worker actors that
+    send their meta-gradients to this driver) or `collective` (Ray Train ranks that all-reduce them)."""
     workers: PositiveInt = 1
-    """Worker actors the meta-batch is split across (ray executor)."""
+    """Worker actors (ray) or ranks (collective) the meta-batch is split across."""
     threads: NonNegInt = 0
     """torch intra-op threads per process; 0 keeps torch's default."""
     device: Literal["cpu", "cuda", "auto"] = "cpu"
@@ -181,6 +182,9 @@ class RuntimeConfig:
     """Object store size of a local Ray started by metadist (MB); ignored when joining a cluster."""
     placement_timeout_s: PositiveFloat = 60.0
     """Seconds to wait for the cluster to reserve all workers at once before failing with an error."""
+    collective_timeout_s: PositiveInt = 60
+    """Seconds a rank waits in a collective (collective executor) before the group counts as hung and
+    is restarted from its last checkpoint; longer than any one step or validation takes."""
 
 
 @dataclass(config=STRICT)
@@ -246,6 +250,9 @@ class Config:
             (self.runtime.gpus_per_worker > 0 and self.runtime.device == "cpu", "runtime.device",
              "'cpu' with runtime.gpus_per_worker > 0 reserves GPUs the workers would not use; "
              "allowed then: 'cuda' or 'auto'"),
+            (self.runtime.executor == "collective" and self.runtime.workers > self.train.meta_batch,
+             "runtime.workers", f"{self.runtime.workers} ranks for a meta-batch of {self.train.meta_batch} "
+             f"tasks would leave ranks without a task; allowed: 1 to train.meta_batch"),
         ]
         for bad, key, why in checks:
             if bad:

@@ -111,13 +111,15 @@ class Trainer:
     """The driver of one run: the meta-parameters, the outer optimizer, the executor and the tracker."""
 
     def __init__(self, cfg: Config, run_dir: Path | None = None, console: Console | None = None,
-                 tracker=None):
+                 tracker=None, device: torch.device | None = None):
         self.cfg = cfg
         self.console = console or Console(stderr=True)
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
-        # With Ray the accelerators belong to the workers; the driver reduces and steps on the CPU.
-        self.device = resolve_device(cfg.runtime.device) if cfg.runtime.executor == "local" else torch.device("cpu")
+        # With Ray the accelerators belong to the workers; the driver reduces and steps on the CPU. A
+        # collective rank passes its own device: it steps there.
+        self.device = device or (resolve_device(cfg.runtime.device) if cfg.runtime.executor == "local"
+                                 else torch.device("cpu"))
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg).to(self.device)
         self.params = {n: p.to(self.device) for n, p in init_meta_params(self.model, cfg).items()}
@@ -137,10 +139,13 @@ class Trainer:
         self.last_validation: dict | None = None
         self.restarts_before = 0  # worker restarts of earlier (resumed-from) segments of this run
         self.run_dir = run_dir or new_run_dir(cfg)
+        # The process that writes the run folder and the logs: the driver, or rank 0 of a collective group.
+        self.main = True
         self.executor = None
         self.resume_data = None  # task stream positions from a checkpoint, applied when the workers start
         self.tracker = tracker
         self.baseline: dict | None = None  # evaluation and parameters before meta-training, for the plots
+        self.saved_state: dict | None = None  # the state the last checkpoint holds
         self.clock = StepClock(cfg.train.warmup_steps)
         t = cfg.train
         self.log_cadence = Every(t.log_every, first=True, last=True)
@@ -153,8 +158,12 @@ class Trainer:
     def fit(self, progress: bool = True) -> dict:
         """Meta-train until `train.steps`, then evaluate; returns the run summary. The tracker's run ends
         FINISHED, or FAILED / KILLED with the error, whatever step raised."""
+        if self.cfg.runtime.executor == "collective" and self.executor is None:
+            from metadist.runtime import collective  # every rank runs this same loop, on a Ray Train group
+            return collective.fit(self, progress)
         total = self.cfg.train.steps
-        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+        if self.main:
+            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
         try:
             self.start()
             with self._progress(progress) as bar:
@@ -229,10 +238,15 @@ class Trainer:
         return record
 
     def save(self) -> Path:
-        """Write the checkpoint (atomically) and hand it to the tracker."""
-        path = save_checkpoint(self.run_dir / "checkpoint.pt", self.state())
-        if self.tracker is not None:
-            self.tracker.checkpoint_saved(path)
+        """Write the checkpoint (atomically) and hand it to the tracker, and to a collective group."""
+        path = self.run_dir / "checkpoint.pt"
+        self.saved_state = self.state()  # on every rank of a collective group: it gathers their streams
+        if self.main:
+            save_checkpoint(path, self.saved_state)
+            if self.tracker is not None:
+                self.tracker.checkpoint_saved(path)
+        if hasattr(self.executor, "checkpoint_saved"):
+            self.executor.checkpoint_saved(path if self.main else None, self.step)
         return path
 
     # -- around the loop ----------------------------------------------------------------------------
@@ -286,10 +300,12 @@ class Trainer:
         """The final checkpoint and evaluation; the summary; and, with a tracker, the run's record:
         metrics, files and figures, all computed here."""
         checkpoint = self.save()
+        if not self.main:
+            return {}  # the other ranks of a collective group are done: rank 0 evaluates and records
         summary = self.summary(self.evaluate(), checkpoint)
         if self.tracker is not None:
             model_path = self.run_dir / "model.pt"
-            state = self.state()  # the model file is the checkpoint's config, parameters and buffers
+            state = self.saved_state  # the model file is the checkpoint's config, parameters and buffers
             torch.save({k: state[k] for k in ("config", "params", "buffers")}, model_path)
             files = {name: self.run_dir / name for name in ("eval.json", "metrics.jsonl")}
             self.tracker.finish(self.step, summary["eval"], files=files, model=model_path,
@@ -332,6 +348,8 @@ class Trainer:
 
     def log(self, record: dict) -> None:
         self.history.append(record)
+        if not self.main:
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.tracker is not None:
@@ -410,8 +428,9 @@ def read_history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def resume_trainer(target: str | Path, console: Console | None = None) -> Trainer:
-    """A trainer continuing the run at `target`: a checkpoint, its run folder, or an MLflow run id."""
+def resume_trainer(target: str | Path, console: Console | None = None, executor: str | None = None) -> Trainer:
+    """A trainer continuing the run at `target`: a checkpoint, its run folder, or an MLflow run id; on
+    `executor` instead of the one that wrote it, if given (every executor writes the same checkpoint)."""
     path = Path(target)
     if not path.exists():
         from metadist.tracking import find_run_dir
@@ -421,7 +440,10 @@ def resume_trainer(target: str | Path, console: Console | None = None) -> Traine
             raise CheckpointError(f"--resume {str(target)!r} is neither a checkpoint, a run folder nor a "
                                   f"known MLflow run id: {err}") from None
     state = load_checkpoint(path)
-    cfg = from_dict(state["config"])
+    config = state["config"]
+    if executor is not None:
+        config = {**config, "runtime": {**config["runtime"], "executor": executor}}
+    cfg = from_dict(config)
     run_dir = path if path.is_dir() else path.parent
     tracker = None
     if cfg.tracking.enabled:

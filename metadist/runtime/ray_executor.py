@@ -63,7 +63,7 @@ class MetaWorker:
         return {"rank": self.rank, "pid": os.getpid(), "node": socket.gethostname(), **self.shard.describe()}
 
 
-def _connect(cfg: Config) -> bool:
+def connect_for(cfg: Config, dashboard: bool = False) -> bool:
     """Connect to the configured cluster, or start a local Ray sized for the workers; True if started here."""
     rt = cfg.runtime
     # A local instance sized for the workers plus the driver; fractional CPUs place more workers
@@ -71,10 +71,10 @@ def _connect(cfg: Config) -> bool:
     cpus = max(os.cpu_count() or 1, int(rt.workers * rt.cpus_per_worker + 0.999))
     return cluster.connect(rt.address, num_cpus=cpus,
                            num_gpus=torch.cuda.device_count() if rt.gpus_per_worker else None,
-                           object_store_mb=rt.object_store_mb)
+                           object_store_mb=rt.object_store_mb, dashboard=dashboard)
 
 
-def _check_resources(cfg: Config) -> None:
+def check_resources(cfg: Config) -> None:
     rt = cfg.runtime
     total = ray.cluster_resources()
     want = {"CPU": rt.workers * rt.cpus_per_worker, "GPU": rt.workers * rt.gpus_per_worker}
@@ -93,7 +93,7 @@ class RayExecutor:
     def __init__(self, cfg: Config, layout: Layout, console: Console | None = None):
         self.cfg = cfg
         self.console = console or Console(stderr=True)
-        self.owns_ray = _connect(cfg)
+        self.owns_ray = connect_for(cfg)
         self.restarts = 0
         self.after_submit = None  # test hook: called with (step, actors) once a step's work is submitted
         self.layout = layout  # the driver's parameter names and shapes, for the flat transport
@@ -113,7 +113,7 @@ class RayExecutor:
         current = ray.util.get_current_placement_group()
         if current is not None:  # inside a Tune trial: its placement group already holds our bundles
             return current, 1, False
-        _check_resources(self.cfg)
+        check_resources(self.cfg)
         rt = self.cfg.runtime
         bundle = {"CPU": rt.cpus_per_worker, **({"GPU": rt.gpus_per_worker} if rt.gpus_per_worker else {})}
         pg = placement_group([dict(bundle) for _ in range(rt.workers)], strategy="PACK")

@@ -1,0 +1,276 @@
+"""The collective executor: Ray Train ranks that all-reduce their meta-gradients among themselves.
+
+With `runtime.executor: collective`, `Trainer.fit` hands the run to a Ray Train V2 `TorchTrainer` of
+`runtime.workers` ranks (gloo on CPU, nccl on GPU). Every rank runs the driver's own outer loop
+(`Trainer.fit`, not a copy of it) with a `CollectiveExecutor`: it computes the summed meta-gradients
+and metrics of its share of the meta-batch through its `TaskShard`, as an actor does, all-reduces them
+as one flat tensor with `torch.distributed.all_reduce`, and takes the same outer step as every other
+rank. No parameter or gradient passes through the driver or the object store. DDP is not used: its
+hooks do not fire for `torch.autograd.grad`.
+
+Every rank starts from the same state: the driver writes it to `start.pt` in the run folder (the
+initial parameters, or the checkpoint of a resumed run) and each rank loads it, so the ranks' parameters
+are identical from the first step on, and the identical all-reduced gradient keeps them so.
+
+Rank 0 is the run's main process: it writes the run folder (checkpoints in the format every executor
+uses, metrics.jsonl, eval.json, summary.json) and is the one process that talks to MLflow, live, as
+the run goes. Its MLflow run id is kept in the run folder, so a restarted group continues the same run.
+
+Faults: a rank that dies, or hangs past `runtime.collective_timeout_s` in a collective, fails the group;
+Ray Train restarts it (`FailureConfig.max_failures` = `runtime.max_worker_restarts`) and every rank
+resumes from the last checkpoint it reported to Ray Train (at `train.checkpoint_every`). Errors that a
+restart cannot cure (a diverged inner loop, bad data) end the group at once instead, and the driver
+raises them as it would on any executor.
+
+The run folder must be reachable from every rank's node under the same path: one machine, or a shared
+file system.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train.torch import TorchConfig, TorchTrainer
+from rich.console import Console
+
+from metadist.algorithms.spec import InnerSpec
+from metadist.config import Config, ConfigError, dump_config, from_dict, to_dict
+from metadist.data.format import DataError
+from metadist.errors import UserError
+from metadist.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from metadist.runtime.errors import ClusterError, TrainingDiverged
+from metadist.runtime.flat import Layout
+from metadist.runtime.local import StepResult, TaskShard, split_tasks
+from metadist.runtime.ray_executor import check_resources, connect_for
+
+Tensors = dict[str, torch.Tensor]
+
+START, SUMMARY, ERROR, RUN_ID, STARTS = "start.pt", "summary.json", "error.json", "mlflow_run_id", "group_starts"
+# The user errors a rank may end the group with, raised again in the driver under their own type.
+_ERRORS = {cls.__name__: cls for cls in (TrainingDiverged, ConfigError, CheckpointError, ClusterError, DataError)}
+
+
+class CollectiveExecutor:
+    """One rank's share of every step: its TaskShard, and the all-reduce that makes the sums global."""
+
+    def __init__(self, cfg: Config, rank: int, world: int, restarts: int = 0):
+        self.rank, self.world = rank, world
+        self.shard = TaskShard(cfg, rank=rank, world=world)
+        self.device = self.shard.device
+        self.restarts = restarts  # group restarts within this fit() (Ray Train restarted every rank)
+        self.layout: Layout | None = None
+        info = {"rank": rank, "pid": os.getpid(), "node": socket.gethostname(), **self.shard.describe()}
+        self.infos: list = [None] * world
+        dist.all_gather_object(self.infos, info)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def choose_task_parallel(self, params: Tensors, step: int, spec: InnerSpec, tasks: int) -> str:
+        """`auto`: every rank times both modes on its own share at once (so none waits in a collective for
+        another's timing), and every rank takes rank 0's choice."""
+        share = split_tasks(tasks, self.world)[self.rank]
+        choice = [self.shard.choose_task_parallel(params, step, spec, share)]
+        dist.broadcast_object_list(choice, src=0)
+        return choice[0]
+
+    def compute(self, params: Tensors, step: int, spec: InnerSpec, tasks: int) -> StepResult:
+        start = time.perf_counter()
+        grads, sums = self.shard.compute(params, step, spec, split_tasks(tasks, self.world)[self.rank])
+        compute_s = time.perf_counter() - start
+        self.layout = self.layout or Layout.of(grads)
+        # One flat tensor for the gradients and the metric sums together: one collective per step. The
+        # sums travel in the gradients' dtype (counts stay exact far beyond any meta-batch size).
+        keys = sorted(sums)
+        flat_grads = self.layout.flatten(grads)
+        flat = torch.cat([flat_grads] + [sums[k].to(flat_grads.dtype).reshape(-1) for k in keys])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        total = self.layout.unflatten(flat[:self.layout.numel])
+        out, offset = {}, self.layout.numel
+        for k in keys:
+            n = sums[k].numel()
+            out[k] = flat[offset:offset + n].reshape(sums[k].shape).to(sums[k].dtype)
+            offset += n
+        wall = time.perf_counter() - start
+        return StepResult(total, out, compute_s, max(wall - compute_s, 0.0))
+
+    def data_state(self) -> list:
+        """Every rank's task stream position (None entries: procedural tasks); a collective call."""
+        states: list = [None] * self.world
+        dist.all_gather_object(states, self.shard.data_state())
+        return states
+
+    def load_data_state(self, states: list) -> None:
+        if len(states) != self.world:
+            raise ClusterError(f"the checkpoint holds {len(states)} worker streams; this run has "
+                               f"{self.world} ranks")
+        self.shard.load_data_state(states[self.rank])
+
+    def checkpoint_saved(self, path: Path | None, step: int) -> None:
+        """Report the checkpoint rank 0 just wrote to Ray Train, which restarts a failed group from it.
+        Every rank calls this (Ray Train's report is a barrier); only rank 0 hands over a checkpoint."""
+        if path is None:
+            ray.train.report({"step": step})
+            return
+        with tempfile.TemporaryDirectory() as folder:  # Ray Train copies the folder into its storage
+            shutil.copyfile(path, Path(folder) / "checkpoint.pt")
+            ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    def pids(self) -> list[int]:
+        return [i["pid"] for i in self.infos]
+
+    def describe(self) -> dict:
+        return {"executor": "collective", "workers": self.world, "ray_version": ray.__version__,
+                "devices": sorted({i["device"] for i in self.infos}),
+                "nodes": len({i["node"] for i in self.infos})}
+
+    def close(self) -> None:
+        pass  # Ray Train tears the process group down when the rank's function returns
+
+
+# -- in each rank ---------------------------------------------------------------------------------------
+def rank_main(config: dict) -> None:
+    """The function every Ray Train rank runs: the outer loop on this rank's share of each step."""
+    from metadist.runtime.driver import Trainer
+    from metadist.tracking import Tracker
+
+    for name in ("ray.train", "ray.tune"):  # a line per report and checkpoint would drown the run's output
+        logging.getLogger(name).setLevel(logging.WARNING)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = from_dict(config["cfg"])
+    run_dir = Path(config["run_dir"])
+    main = rank == 0
+    starts = _count_start(run_dir) if main else 0
+    start_state = load_checkpoint(run_dir / START)
+    reported = ray.train.get_checkpoint()  # a restarted group: the last checkpoint it reported
+    if reported is not None:
+        with reported.as_directory() as folder:
+            state = load_checkpoint(Path(folder) / "checkpoint.pt")
+    else:
+        state = start_state
+    tracker = None
+    if main and config["tracking"] is not None:
+        t = config["tracking"]
+        run_id_file = run_dir / RUN_ID
+        run_id = run_id_file.read_text().strip() if run_id_file.exists() else t["run_id"]
+        tracker = Tracker(cfg, uri=t["uri"], run_id=run_id, parent_run_id=t["parent_run_id"],
+                          run_name=t["run_name"], tags=t["tags"])
+    executor = CollectiveExecutor(cfg, rank, world, restarts=max(starts - 1, 0))
+    console = Console(stderr=True, quiet=not main)
+    trainer = Trainer(cfg, run_dir=run_dir, console=console, tracker=tracker, device=executor.device)
+    trainer.main = main
+    trainer.executor = executor
+    trainer.load_state(state)  # every rank from the same state: identical parameters from the start
+    trainer.restarts_before = start_state.get("worker_restarts", 0)  # restarts before this fit()
+    if trainer.resume_data and any(s is not None for s in trainer.resume_data):
+        executor.load_data_state(trainer.resume_data)
+    try:
+        trainer.start()
+        if tracker is not None:  # a restarted rank 0 continues this MLflow run, not a new one
+            (run_dir / RUN_ID).write_text(tracker.run_id)
+        summary = trainer.fit(progress=False)
+    except UserError as err:
+        # A restart would meet the same error: end the group now, and let the driver raise it.
+        if main:
+            (run_dir / ERROR).write_text(json.dumps({"type": type(err).__name__, "message": str(err)}))
+        return
+    # What every rank ended with, so that a test (or a reader of the summary) sees they agree bitwise.
+    digests: list = [None] * world
+    dist.all_gather_object(digests, param_digest(trainer.params))
+    if main:
+        summary["runtime"]["param_digests"] = digests
+        (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
+
+
+def param_digest(params: Tensors) -> str:
+    """A SHA-256 of the parameters' bytes, in name order: equal digests mean bitwise-equal parameters."""
+    h = hashlib.sha256()
+    for name in sorted(params):
+        h.update(name.encode())
+        h.update(params[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _count_start(run_dir: Path) -> int:
+    """This group start's number within the run's fit() (1 for the first): rank 0 appends a line."""
+    path = run_dir / STARTS
+    with open(path, "a") as fh:
+        fh.write(f"{time.time():.3f}\n")
+    return len(path.read_text().splitlines())
+
+
+# -- in the driver --------------------------------------------------------------------------------------
+def fit(trainer, progress: bool = True) -> dict:
+    """Run `trainer`'s run on a Ray Train group and bring its result back into `trainer`: the final
+    parameters, optimizer and history from rank 0's checkpoint, and the summary rank 0 wrote."""
+    from metadist.runtime.driver import read_history
+
+    cfg, run_dir = trainer.cfg, trainer.run_dir
+    rt = cfg.runtime
+    for name in (START, SUMMARY, ERROR, STARTS):
+        (run_dir / name).unlink(missing_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    save_checkpoint(run_dir / START, trainer.state())
+    tracker = trainer.tracker
+    tracking = None if tracker is None else {
+        "uri": tracker.uri, "run_id": tracker.run_id, "parent_run_id": tracker.parent_run_id,
+        "run_name": tracker.run_name, "tags": tracker.extra_tags}
+    if tracker is not None and tracker.run_id is not None:
+        (run_dir / RUN_ID).write_text(tracker.run_id)
+    # The dashboard is on for a Ray started here: Ray Train's placement-group cleaner asks its state API.
+    owns_ray = connect_for(cfg, dashboard=True)
+    try:
+        check_resources(cfg)
+        gpu = rt.gpus_per_worker > 0
+        resources = {"CPU": rt.cpus_per_worker, **({"GPU": rt.gpus_per_worker} if gpu else {})}
+        group = TorchTrainer(
+            rank_main,
+            train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir.resolve()), "tracking": tracking},
+            torch_config=TorchConfig(backend=None, timeout_s=rt.collective_timeout_s),
+            scaling_config=ray.train.ScalingConfig(num_workers=rt.workers, use_gpu=gpu,
+                                                   resources_per_worker=resources),
+            run_config=ray.train.RunConfig(
+                name=f"{run_dir.name}-{int(time.time() * 1000)}",  # a reused name would resume silently
+                storage_path=str((run_dir / "ray_train").resolve()),
+                # The controller itself gives up after 2 failed attempts to start the group (the default,
+                # -1, retries an impossible one forever); ranks that fail are restarted max_failures times.
+                failure_config=ray.train.FailureConfig(max_failures=rt.max_worker_restarts,
+                                                       controller_failure_limit=2)))
+        trainer.console.log(f"collective: {rt.workers} rank(s), all-reduce over "
+                            f"{'nccl' if gpu else 'gloo'}")
+        try:
+            group.fit()
+        except (ray.train.TrainingFailedError, ray.train.ControllerError) as err:
+            if tracker is not None and (run_dir / RUN_ID).exists():
+                tracker.run_id = (run_dir / RUN_ID).read_text().strip()
+                tracker.fail(err)
+            raise ClusterError(f"the collective group failed after runtime.max_worker_restarts="
+                               f"{rt.max_worker_restarts} restarts: {str(err).splitlines()[0][:300]}") from None
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    if (run_dir / ERROR).exists():
+        error = json.loads((run_dir / ERROR).read_text())
+        raise _ERRORS.get(error["type"], UserError)(error["message"])
+    first = trainer.step
+    trainer.load_state(load_checkpoint(run_dir / "checkpoint.pt"))
+    trainer.history = [r for r in read_history(run_dir) if r["step"] >= first]  # this segment's, as elsewhere
+    if tracker is not None and (run_dir / RUN_ID).exists():
+        # Rank 0 recorded the run and has finished it; the driver only learns where it is.
+        tracker.run_id = (run_dir / RUN_ID).read_text().strip()
+        tracker.experiment_id = tracker.client.get_run(tracker.run_id).info.experiment_id
+    return json.loads((run_dir / SUMMARY).read_text())

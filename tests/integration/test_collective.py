@@ -1,0 +1,95 @@
+"""The collective executor on a real local Ray (2 CPUs): Ray Train ranks all-reduce their meta-gradients.
+
+They agree with the local executor, every rank ends with bitwise the same parameters, rank 0 records
+the run in MLflow, and the checkpoint is the one every executor reads and writes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from metadist.runtime.driver import Trainer, resume_trainer
+from metadist.runtime.errors import ClusterError
+
+from ..conftest import crash_at, sine_config
+
+# Fractional CPUs so that three ranks fit on the 2-CPU test cluster; one torch thread each. 25 tasks:
+# uneven shares for 2 (13 + 12) and 3 (9 + 8 + 8) ranks.
+RANKS = ["runtime.executor=collective", "runtime.cpus_per_worker=0.5", "runtime.threads=1"]
+STEPS = ["train.steps=30", "train.checkpoint_every=10", "eval.episodes=10"]
+# A checkpoint reported to Ray Train waits for its controller's next poll (every 2 s): the group runs
+# that are not about checkpoints report only their final one.
+FINAL_ONLY = "train.checkpoint_every=0"
+
+
+def _rel_err(a: dict, b: dict) -> float:
+    num = sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt()
+    den = sum((b[k] ** 2).sum() for k in b).sqrt()
+    return (num / den).item()
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    trainer = Trainer(sine_config(tmp_path_factory.mktemp("local"), *STEPS, "tracking.enabled=false"))
+    return trainer, trainer.fit(progress=False)
+
+
+@pytest.mark.slow
+def test_two_ranks_match_the_local_executor_and_record_the_run(local_ray, local_run, tmp_path, mlflow_store):
+    from metadist.tracking import Tracker
+
+    cfg = sine_config(tmp_path, *STEPS, FINAL_ONLY, *RANKS, "runtime.workers=2")
+    trainer = Trainer(cfg, tracker=Tracker(cfg))
+    summary = trainer.fit(progress=False)
+    ref, ref_summary = local_run
+    assert _rel_err(trainer.params, ref.params) < 1e-5
+    rt = summary["runtime"]
+    assert rt["executor"] == "collective" and rt["workers"] == 2 and rt["worker_restarts"] == 0
+    digests = rt["param_digests"]
+    assert len(digests) == 2 and len(set(digests)) == 1  # the ranks' parameters are bitwise identical
+
+    # Rank 0 recorded the run; the driver knows where it is.
+    run = MlflowClient(mlflow_store).get_run(trainer.tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["executor"] == "collective"
+    assert "test/metric" in run.data.metrics and "train/loss_after" in run.data.metrics
+    artifacts = {a.path for a in MlflowClient(mlflow_store).list_artifacts(run.info.run_id)}
+    assert {"checkpoints", "model", "plots", "eval.json", "metrics.jsonl"} <= artifacts
+
+    # The checkpoint is the common format: the driver's copy evaluates to the ranks' own report.
+    again = resume_trainer(summary["checkpoint"], executor="local")
+    assert again.step == 30 and all(torch.equal(again.params[k], trainer.params[k]) for k in trainer.params)
+    assert again.report()["rows"] == summary["eval"]["rows"]
+
+
+@pytest.mark.slow
+def test_three_ranks_match_the_local_executor(local_ray, local_run, tmp_path):
+    trainer = Trainer(sine_config(tmp_path, *STEPS, FINAL_ONLY, *RANKS, "runtime.workers=3",
+                                  "tracking.enabled=false"))
+    summary = trainer.fit(progress=False)
+    assert _rel_err(trainer.params, local_run[0].params) < 1e-5
+    assert len(set(summary["runtime"]["param_digests"])) == 1 and summary["runtime"]["workers"] == 3
+
+
+@pytest.mark.slow
+def test_a_local_run_resumes_on_one_rank_bit_identically(local_ray, local_run, tmp_path):
+    crashed = Trainer(sine_config(tmp_path, *STEPS, "tracking.enabled=false"))
+    crash_at(crashed, 25)  # the driver dies after this step; its last checkpoint is step 20
+    with pytest.raises(KeyboardInterrupt):
+        crashed.fit(progress=False)
+    resumed = resume_trainer(crashed.run_dir, executor="collective")
+    assert resumed.step == 20 and resumed.cfg.runtime.executor == "collective"
+    summary = resumed.fit(progress=False)
+    # One rank does what the local executor does, in the same order: the same bits.
+    whole, whole_summary = local_run
+    assert all(torch.equal(resumed.params[k], whole.params[k]) for k in whole.params)
+    assert summary["eval"]["rows"] == whole_summary["eval"]["rows"]
+    assert [r["step"] for r in resumed.history] == [20, 29]  # logging resumed where the checkpoint left off
+
+
+def test_more_ranks_than_the_cluster_holds_is_one_error_at_once(local_ray, tmp_path):
+    trainer = Trainer(sine_config(tmp_path, *RANKS, "runtime.workers=5", "runtime.cpus_per_worker=1",
+                                  "tracking.enabled=false"))
+    with pytest.raises(ClusterError, match=r"runtime.workers=5 .* asks for 5 CPU; the Ray cluster has 2 CPU"):
+        trainer.fit(progress=False)
