@@ -57,7 +57,8 @@ from metadist.runtime.ray_executor import check_resources, connect_for
 
 Tensors = dict[str, torch.Tensor]
 
-START, SUMMARY, ERROR, RUN_ID, STARTS = "start.pt", "summary.json", "error.json", "mlflow_run_id", "group_starts"
+START, SUMMARY, ERROR, RUN_ID, STARTS, RANKS = ("start.pt", "summary.json", "error.json", "mlflow_run_id",
+                                               "group_starts", "ranks.json")
 # The user errors a rank may end the group with, raised again in the driver under their own type.
 _ERRORS = {cls.__name__: cls for cls in (TrainingDiverged, ConfigError, CheckpointError, ClusterError, DataError)}
 
@@ -174,6 +175,9 @@ def rank_main(config: dict) -> None:
     trainer = Trainer(cfg, run_dir=run_dir, console=console, tracker=tracker, device=executor.device)
     trainer.main = main
     trainer.executor = executor
+    trainer.callbacks.extend(config["callbacks"])
+    if main:  # which process is which rank, for `ray status`, for a debugger, for a test's fault
+        (run_dir / RANKS).write_text(json.dumps(executor.infos, indent=2))
     trainer.load_state(state)  # every rank from the same state: identical parameters from the start
     trainer.restarts_before = start_state.get("worker_restarts", 0)  # restarts before this fit()
     if trainer.resume_data and any(s is not None for s in trainer.resume_data):
@@ -221,7 +225,7 @@ def fit(trainer, progress: bool = True) -> dict:
 
     cfg, run_dir = trainer.cfg, trainer.run_dir
     rt = cfg.runtime
-    for name in (START, SUMMARY, ERROR, STARTS):
+    for name in (START, SUMMARY, ERROR, STARTS, RANKS):
         (run_dir / name).unlink(missing_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     save_checkpoint(run_dir / START, trainer.state())
@@ -239,7 +243,8 @@ def fit(trainer, progress: bool = True) -> dict:
         resources = {"CPU": rt.cpus_per_worker, **({"GPU": rt.gpus_per_worker} if gpu else {})}
         group = TorchTrainer(
             rank_main,
-            train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir.resolve()), "tracking": tracking},
+            train_loop_config={"cfg": to_dict(cfg), "run_dir": str(run_dir.resolve()), "tracking": tracking,
+                               "callbacks": list(trainer.rank_callbacks)},
             torch_config=TorchConfig(backend=None, timeout_s=rt.collective_timeout_s),
             scaling_config=ray.train.ScalingConfig(num_workers=rt.workers, use_gpu=gpu,
                                                    resources_per_worker=resources),

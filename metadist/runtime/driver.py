@@ -153,6 +153,9 @@ class Trainer:
         self.callbacks: list[Callback] = [Callback(self.log_cadence, Trainer.log_training),
                                           Callback(self.validation_cadence, Trainer.validate),
                                           Callback(Every(t.checkpoint_every), Trainer.save)]
+        # With the collective executor the ranks run the loop, not this process: callbacks for them (a
+        # Tune report, a test's fault) go here, travel to every rank, and run after `callbacks` there.
+        self.rank_callbacks: list[Callback] = []
 
     # -- the outer loop ---------------------------------------------------------------------------
     def fit(self, progress: bool = True) -> dict:

@@ -6,11 +6,18 @@ the run in MLflow, and the checkpoint is the one every executor reads and writes
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from metadist.runtime.driver import Trainer, resume_trainer
+from metadist.runtime.driver import Callback, Every, Trainer, resume_trainer
 from metadist.runtime.errors import ClusterError
 
 from ..conftest import crash_at, sine_config
@@ -36,13 +43,22 @@ def local_run(tmp_path_factory):
     return trainer, trainer.fit(progress=False)
 
 
-@pytest.mark.slow
-def test_two_ranks_match_the_local_executor_and_record_the_run(local_ray, local_run, tmp_path, mlflow_store):
+@pytest.fixture(scope="module")
+def two_ranks(local_ray, tmp_path_factory, empty_store):
+    """An uninterrupted 2-rank run, recorded in an MLflow store of its own: (trainer, summary, store)."""
     from metadist.tracking import Tracker
 
-    cfg = sine_config(tmp_path, *STEPS, FINAL_ONLY, *RANKS, "runtime.workers=2")
+    store = tmp_path_factory.mktemp("two-ranks-store") / "mlflow.db"
+    shutil.copyfile(empty_store, store)
+    cfg = sine_config(tmp_path_factory.mktemp("two-ranks"), *STEPS, FINAL_ONLY, *RANKS, "runtime.workers=2",
+                      f"tracking.uri=sqlite:///{store}")
     trainer = Trainer(cfg, tracker=Tracker(cfg))
-    summary = trainer.fit(progress=False)
+    return trainer, trainer.fit(progress=False), f"sqlite:///{store}"
+
+
+@pytest.mark.slow
+def test_two_ranks_match_the_local_executor_and_record_the_run(two_ranks, local_run):
+    trainer, summary, mlflow_store = two_ranks
     ref, ref_summary = local_run
     assert _rel_err(trainer.params, ref.params) < 1e-5
     rt = summary["runtime"]
@@ -86,6 +102,47 @@ def test_a_local_run_resumes_on_one_rank_bit_identically(local_ray, local_run, t
     assert all(torch.equal(resumed.params[k], whole.params[k]) for k in whole.params)
     assert summary["eval"]["rows"] == whole_summary["eval"]["rows"]
     assert [r["step"] for r in resumed.history] == [20, 29]  # logging resumed where the checkpoint left off
+
+
+@pytest.mark.slow
+def test_a_rank_killed_from_outside_restarts_the_group_and_changes_nothing(two_ranks, tmp_path, mlflow_store):
+    from metadist.tracking import Tracker
+
+    cfg = sine_config(tmp_path, *STEPS, *RANKS, "runtime.workers=2")
+    trainer = Trainer(cfg, tracker=Tracker(cfg))
+
+    def hold_rank_1(t):
+        # Rank 1 stops after step 15 of the group's first attempt (its checkpoint is step 10) and says
+        # where it is; the test kills it from outside. The restarted group finds the mark and goes on.
+        mark = t.run_dir / "rank-1-held"
+        if t.executor.rank == 1 and t.step == 15 and not mark.exists():
+            mark.write_text(str(os.getpid()))
+            time.sleep(300)
+
+    trainer.rank_callbacks.append(Callback(Every(1), hold_rank_1))
+    result: dict = {}
+    fit = threading.Thread(target=lambda: result.update(summary=trainer.fit(progress=False)))
+    fit.start()
+    mark = trainer.run_dir / "rank-1-held"
+    deadline = time.time() + 120
+    while not mark.exists() and fit.is_alive() and time.time() < deadline:
+        time.sleep(0.2)
+    pid = int(mark.read_text())
+    assert pid in [r["pid"] for r in json.loads((trainer.run_dir / "ranks.json").read_text())]
+    os.kill(pid, signal.SIGKILL)
+    fit.join(timeout=240)
+    assert not fit.is_alive() and "summary" in result
+    summary = result["summary"]
+    assert summary["runtime"]["worker_restarts"] == 1
+    # Resumed from step 10 on a new group: the same parameters as a run nobody killed, bit for bit.
+    clean = two_ranks[0]
+    assert all(torch.equal(trainer.params[k], clean.params[k]) for k in clean.params)
+    assert len(set(summary["runtime"]["param_digests"])) == 1
+    # One MLflow run across the restart, which it counts.
+    client = MlflowClient(mlflow_store)
+    (run,) = client.search_runs([client.get_experiment_by_name("maml-debug").experiment_id])
+    assert run.info.run_id == trainer.tracker.run_id and run.info.status == "FINISHED"
+    assert run.data.metrics["runtime/worker_restarts"] == 1
 
 
 def test_more_ranks_than_the_cluster_holds_is_one_error_at_once(local_ray, tmp_path):
