@@ -188,9 +188,15 @@ def rank_main(config: dict) -> None:
             (run_dir / RUN_ID).write_text(tracker.run_id)
         summary = trainer.fit(progress=False)
     except UserError as err:
-        # A restart would meet the same error: end the group now, and let the driver raise it.
-        if main:
-            (run_dir / ERROR).write_text(json.dumps({"type": type(err).__name__, "message": str(err)}))
+        # A restart would meet the same error: end this rank now, and let the driver raise it. An error
+        # every rank meets (a diverged step: the gradient is all-reduced) ends the group at once; one
+        # rank's alone (its shards) leaves the others waiting in a collective until the timeout fails
+        # the group, and the driver then raises this error rather than the group's.
+        error = run_dir / ERROR
+        if not error.exists():
+            tmp = run_dir / f".{ERROR}.{rank}"
+            tmp.write_text(json.dumps({"type": type(err).__name__, "message": str(err), "rank": rank}))
+            os.replace(tmp, error)
         return
     # What every rank ended with, so that a test (or a reader of the summary) sees they agree bitwise.
     digests: list = [None] * world
@@ -260,6 +266,7 @@ def fit(trainer, progress: bool = True) -> dict:
         try:
             group.fit()
         except (ray.train.TrainingFailedError, ray.train.ControllerError) as err:
+            _raise_user_error(run_dir)
             if tracker is not None and (run_dir / RUN_ID).exists():
                 tracker.run_id = (run_dir / RUN_ID).read_text().strip()
                 tracker.fail(err)
@@ -268,9 +275,7 @@ def fit(trainer, progress: bool = True) -> dict:
     finally:
         if owns_ray:
             ray.shutdown()
-    if (run_dir / ERROR).exists():
-        error = json.loads((run_dir / ERROR).read_text())
-        raise _ERRORS.get(error["type"], UserError)(error["message"])
+    _raise_user_error(run_dir)
     first = trainer.step
     trainer.load_state(load_checkpoint(run_dir / "checkpoint.pt"))
     trainer.history = [r for r in read_history(run_dir) if r["step"] >= first]  # this segment's, as elsewhere
@@ -279,3 +284,10 @@ def fit(trainer, progress: bool = True) -> dict:
         tracker.run_id = (run_dir / RUN_ID).read_text().strip()
         tracker.experiment_id = tracker.client.get_run(tracker.run_id).info.experiment_id
     return json.loads((run_dir / SUMMARY).read_text())
+
+
+def _raise_user_error(run_dir: Path) -> None:
+    """Raise the user error a rank ended with, under its own type, if one did."""
+    if (run_dir / ERROR).exists():
+        error = json.loads((run_dir / ERROR).read_text())
+        raise _ERRORS.get(error["type"], UserError)(error["message"])
