@@ -109,8 +109,9 @@ def train(job: Optional[Path] = typer.Argument(None, help="Job YAML, e.g. jobs/s
     summary = trainer.fit(progress=progress)
     _write_summary(summary, summary_json)
     t = summary["throughput"]
-    err.print(f"checkpoint: {summary['checkpoint']}   steady-state {t['tasks_per_s']:.0f} tasks/s "
-              f"({t['task_parallel']})")
+    rate = (f"steady-state {t['tasks_per_s']:.0f} tasks/s" if t["steps_timed"] else
+            f"steady-state rate not measured (no step after train.warmup_steps={trainer.cfg.train.warmup_steps})")
+    err.print(f"checkpoint: {summary['checkpoint']}   {rate} ({t['task_parallel']})")
     if trainer.tracker is not None:
         from metadist.tracking import review_links
 

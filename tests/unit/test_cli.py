@@ -26,6 +26,8 @@ def test_train_then_eval_write_summaries(tmp_path):
     out = tmp_path / "train.json"
     res = runner.invoke(app, ["train", JOB, *_small(tmp_path), "--summary-json", str(out), "--no-progress"])
     assert res.exit_code == 0, res.output
+    # 20 steps, all of them warm-up: no rate to print, and none made up.
+    assert "steady-state rate not measured" in " ".join(res.output.split()) and "nan" not in res.output
     summary = json.loads(out.read_text())
     assert summary["eval"]["rows"][0]["steps"] == 0 and "tasks_per_s" in summary["throughput"]
     ev = tmp_path / "eval.json"
