@@ -146,7 +146,6 @@ class CollectiveExecutor:
 def rank_main(config: dict) -> None:
     """The function every Ray Train rank runs: the outer loop on this rank's share of each step."""
     from metadist.runtime.driver import Trainer
-    from metadist.tracking import Tracker
 
     for name in ("ray.train", "ray.tune"):  # a line per report and checkpoint would drown the run's output
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -165,6 +164,8 @@ def rank_main(config: dict) -> None:
         state = start_state
     tracker = None
     if main and config["tracking"] is not None:
+        from metadist.tracking import Tracker  # MLflow is loaded in rank 0 only: no other rank logs
+
         t = config["tracking"]
         run_id_file = run_dir / RUN_ID
         run_id = run_id_file.read_text().strip() if run_id_file.exists() else t["run_id"]

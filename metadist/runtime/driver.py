@@ -22,7 +22,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 
-from metadist import plots
 from metadist.algorithms import init_meta_params, make_spec
 from metadist.config import Config, dump_config, from_dict, to_dict
 from metadist.evaluation import evaluate, print_eval, sine_fits
@@ -318,6 +317,7 @@ class Trainer:
 
     def figures(self, report: dict) -> dict:
         """The run's plots as matplotlib figures, keyed by artifact path."""
+        from metadist import plots  # matplotlib is loaded by the process that records, when it records
         name, base = self.cfg.name, self.baseline
         out = {}
         history = read_history(self.run_dir)

@@ -129,6 +129,11 @@ def test_a_rank_killed_from_outside_restarts_the_group_and_changes_nothing(two_r
         time.sleep(0.2)
     pid = int(mark.read_text())
     assert pid in [r["pid"] for r in json.loads((trainer.run_dir / "ranks.json").read_text())]
+    # Live: while the group is mid-run, rank 0 has already recorded its first records in MLflow.
+    client = MlflowClient(mlflow_store)
+    live = client.get_run((trainer.run_dir / "mlflow_run_id").read_text().strip())
+    assert live.info.status == "RUNNING"
+    assert [m.step for m in client.get_metric_history(live.info.run_id, "train/loss_after")] == [0, 10]
     os.kill(pid, signal.SIGKILL)
     fit.join(timeout=240)
     assert not fit.is_alive() and "summary" in result
@@ -139,7 +144,6 @@ def test_a_rank_killed_from_outside_restarts_the_group_and_changes_nothing(two_r
     assert all(torch.equal(trainer.params[k], clean.params[k]) for k in clean.params)
     assert len(set(summary["runtime"]["param_digests"])) == 1
     # One MLflow run across the restart, which it counts.
-    client = MlflowClient(mlflow_store)
     (run,) = client.search_runs([client.get_experiment_by_name("maml-debug").experiment_id])
     assert run.info.run_id == trainer.tracker.run_id and run.info.status == "FINISHED"
     assert run.data.metrics["runtime/worker_restarts"] == 1
