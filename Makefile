@@ -23,9 +23,10 @@ $(VENV)/.core: pyproject.toml $(VENV)/.torch
 	$(PIP) -e .
 	touch $@
 
-$(VENV)/.test: pyproject.toml $(VENV)/.core
+# One resolve for the package and its test extras (a second pip run resolves everything again).
+$(VENV)/.test: pyproject.toml $(VENV)/.torch
 	$(PIP) -e ".[test,bench]"
-	touch $@
+	touch $(VENV)/.core $@
 
 run: $(VENV)/.core
 	@test -f data/synth-debug/manifest.parquet || \
