@@ -1,8 +1,8 @@
 """The driver: the outer loop, the same for every executor.
 
 `Trainer.fit` is the whole outer loop: each step asks the executor (`runtime.executor`: in-process
-`local`, or Ray worker actors) for the summed meta-gradients of the meta-batch, divides by the task
-count and takes the outer step; then every `Callback` whose cadence falls on that step runs (logging,
+`local`, Ray worker actors, or, on every rank of a Ray Train group, the all-reduce of `collective`) for
+the summed meta-gradients of the meta-batch, divides by the task count and takes the outer step; then every `Callback` whose cadence falls on that step runs (logging,
 validation, checkpoints, and whatever a Tune trial or a test adds). The driver computes everything a run
 records, evaluations and the data of its figures included; the tracker only records what it is handed.
 """
