@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metadist.config import from_dict  # noqa: E402
 from metadist.runtime.driver import StepClock, Trainer  # noqa: E402
+from metadist.runtime.ray_executor import readonly_view  # noqa: E402
 
 CONFIGS = {
     # The mini-ImageNet-size Conv-4 config of bench/inner_loop.py: 84 px, 3 channels, 32 filters,
@@ -79,19 +81,26 @@ def bench_config(name: str, steps: int, tmp: Path) -> dict:
 
 @ray.remote(num_cpus=0.5)
 class Echo:
-    """Receives the parameters like a worker does and returns a gradient-sized tensor."""
+    """Receives the parameters like a worker does and returns a gradient-sized result: `call` as torch
+    tensors (the transport before numpy), `call_np` as the Ray executor does now (a numpy buffer in, one
+    copy to own it, a numpy buffer out)."""
 
     def call(self, flat: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(flat)
 
+    def call_np(self, flat: np.ndarray) -> np.ndarray:
+        return torch.zeros_like(torch.from_numpy(flat.copy())).numpy()
+
 
 def cost_model(sizes: list[int], repeats: int) -> list[dict]:
+    """Per size, interleaved so that load falls on both alike: put, round trip and driver sum of the
+    torch transport, and the numpy transport's round trip (put included, as one step pays it)."""
     echo = Echo.remote()
-    ray.get(echo.call.remote(torch.zeros(10)))
+    ray.get([echo.call.remote(torch.zeros(10)), echo.call_np.remote(np.zeros(10, np.float32))])
     rows = []
     for p in sizes:
         flat = torch.randn(p)
-        put, trip, add = [], [], []
+        put, trip, add, trip_np = [], [], [], []
         for _ in range(repeats):
             t0 = time.perf_counter()
             ref = ray.put(flat)
@@ -100,11 +109,16 @@ def cost_model(sizes: list[int], repeats: int) -> list[dict]:
             t2 = time.perf_counter()
             _ = flat + out
             t3 = time.perf_counter()
+            out_np = ray.get(echo.call_np.remote(ray.put(flat.numpy())))
+            _ = flat + readonly_view(out_np)  # the driver reads the workers' buffers in place
+            t4 = time.perf_counter()
             put.append(t1 - t0)
             trip.append(t2 - t1)
             add.append(t3 - t2)
+            trip_np.append(t4 - t3)
         rows.append({"params": p, "MB": 4 * p / 1e6, "put_ms": 1e3 * statistics.median(put),
-                     "round_trip_ms": 1e3 * statistics.median(trip), "sum_ms": 1e3 * statistics.median(add)})
+                     "round_trip_ms": 1e3 * statistics.median(trip), "sum_ms": 1e3 * statistics.median(add),
+                     "numpy_ms": 1e3 * statistics.median(trip_np)})
     ray.kill(echo)
     return rows
 
@@ -121,7 +135,7 @@ def main(argv=None) -> None:
     try:
         results = []
         with tempfile.TemporaryDirectory() as tmp:
-            for name in args.configs.split(","):
+            for name in filter(None, args.configs.split(",")):  # --configs "": the cost model only
                 steps = {"miniimagenet": 3 if args.quick else 12, "sinusoid": 20 if args.quick else 300}[name]
                 print(f"{name}: {steps} timed steps per driver", file=sys.stderr, flush=True)
                 results.append(bench_config(name, steps, Path(tmp)))
@@ -135,12 +149,14 @@ def main(argv=None) -> None:
         from metadist.models import build_model
         counts = {n: sum(p.numel() for p in build_model(from_dict(c)).parameters()) for n, c in CONFIGS.items()}
         # ResNet-12 as used for mini-ImageNet (64-160-320-640 channels): about 12.4M parameters.
-        sizes = [counts["sinusoid"], counts["miniimagenet"], 1_000_000, 12_400_000]
-        print("\n| params P | gradient MB | ray.put (ms) | worker round trip (ms) | driver sum per worker (ms) |\n"
-              "|---|---|---|---|---|")
+        sizes = [counts["sinusoid"], counts["miniimagenet"], 1_000_000, 4_000_000, 12_400_000]
+        print("\n| params P | gradient MB | torch: ray.put (ms) | torch: worker round trip (ms) | "
+              "torch: driver sum (ms) | numpy: put + round trip + sum (ms) | torch / numpy |\n"
+              "|---|---|---|---|---|---|---|")
         for row in cost_model(sizes, 3 if args.quick else 10):
+            torch_ms = row["put_ms"] + row["round_trip_ms"] + row["sum_ms"]
             print(f"| {row['params']:,} | {row['MB']:.2f} | {row['put_ms']:.2f} | {row['round_trip_ms']:.2f} | "
-                  f"{row['sum_ms']:.2f} |")
+                  f"{row['sum_ms']:.2f} | {row['numpy_ms']:.2f} | {torch_ms / row['numpy_ms']:.1f}x |")
     finally:
         ray.shutdown()
 
