@@ -137,6 +137,9 @@ class Trainer:
         self.last_record: dict | None = None  # the metrics of the last outer step that tracked them
         self.last_validation: dict | None = None
         self.restarts_before = 0  # worker restarts of earlier (resumed-from) segments of this run
+        if run_dir is None and cfg.runtime.executor != "local" and cfg.runtime.address:
+            from metadist.runtime.cluster import check_reachable  # a cluster that is not there: one error
+            check_reachable(cfg.runtime.address)  # now, before a run folder exists (as for the store)
         self.run_dir = run_dir or new_run_dir(cfg)
         # The process that writes the run folder and the logs: the driver, or rank 0 of a collective group.
         self.main = True

@@ -127,7 +127,8 @@ def test_every_command_turns_every_user_error_into_one_line(tmp_path):
         "DataError": (["train", img, "--set", "data.path=/nonexistent"], "no manifest.parquet"),
         "CheckpointError": (["train", "--resume", str(tmp_path / "bad.pt")], "not a readable metadist checkpoint"),
         "ClusterError": (["train", JOB, "--set", "runtime.executor=ray", "--set", f"runtime.address={dead}",
-                          "--set", "tracking.enabled=false", *_small(tmp_path)], f"nothing answers at {dead}"),
+                          "--set", "tracking.enabled=false", "--set", f"train.out_dir={tmp_path / 'cluster-runs'}"],
+                         f"nothing answers at {dead}"),
         "TrainingDiverged": (["train", JOB, "--set", "inner.lr=1e6", "--set", "tracking.enabled=false",
                               *_small(tmp_path)], "meta-gradient is not finite"),
         "TrackingError": (["train", JOB, "--set", f"tracking.uri=http://{dead}"], "nothing answers at the MLflow"),
@@ -151,3 +152,4 @@ def test_every_command_turns_every_user_error_into_one_line(tmp_path):
         assert message in text, (what, res.output)
         # One message (rich may wrap it at the terminal's width), never a traceback.
         assert "Traceback" not in res.output and text.count("error:") <= 1, (what, res.output)
+    assert not (tmp_path / "cluster-runs").exists()  # the cluster was asked before a run folder was made
