@@ -227,7 +227,8 @@ def _count_start(run_dir: Path) -> int:
 # -- in the driver --------------------------------------------------------------------------------------
 def fit(trainer, progress: bool = True) -> dict:
     """Run `trainer`'s run on a Ray Train group and bring its result back into `trainer`: the final
-    parameters, optimizer and history from rank 0's checkpoint, and the summary rank 0 wrote."""
+    parameters, optimizer and history from rank 0's checkpoint, and the summary rank 0 wrote. There is
+    no progress bar yet (`progress` is accepted for the common signature): the ranks run the loop."""
     from metadist.runtime.driver import read_history
 
     cfg, run_dir = trainer.cfg, trainer.run_dir
