@@ -60,6 +60,13 @@ def crash_at(trainer, step: int) -> None:
     trainer.callbacks.append(Callback(Every(1), crash))
 
 
+def rel_err(a: dict, b: dict) -> float:
+    """||a - b|| / ||b|| over all tensors of two parameter dicts."""
+    num = sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt()
+    den = sum((b[k] ** 2).sum() for k in b).sqrt()
+    return (num / den).item()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago: nothing listens on it."""
     import socket

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from metadist.runtime.driver import Callback, Every, Trainer, resume_trainer
 from metadist.runtime.errors import ClusterError
 
-from ..conftest import crash_at, sine_config
+from ..conftest import crash_at, rel_err, sine_config
 
 # Fractional CPUs so that three ranks fit on the 2-CPU test cluster; one torch thread each. 25 tasks:
 # uneven shares for 2 (13 + 12) and 3 (9 + 8 + 8) ranks.
@@ -29,12 +29,6 @@ STEPS = ["train.steps=30", "train.checkpoint_every=10", "eval.episodes=10"]
 # A checkpoint reported to Ray Train waits for its controller's next poll (every 2 s): the group runs
 # that are not about checkpoints report only their final one.
 FINAL_ONLY = "train.checkpoint_every=0"
-
-
-def _rel_err(a: dict, b: dict) -> float:
-    num = sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt()
-    den = sum((b[k] ** 2).sum() for k in b).sqrt()
-    return (num / den).item()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +54,7 @@ def two_ranks(local_ray, tmp_path_factory, empty_store):
 def test_two_ranks_match_the_local_executor_and_record_the_run(two_ranks, local_run):
     trainer, summary, mlflow_store = two_ranks
     ref, ref_summary = local_run
-    assert _rel_err(trainer.params, ref.params) < 1e-5
+    assert rel_err(trainer.params, ref.params) < 1e-5
     rt = summary["runtime"]
     assert rt["executor"] == "collective" and rt["workers"] == 2 and rt["worker_restarts"] == 0
     digests = rt["param_digests"]
@@ -84,7 +78,7 @@ def test_three_ranks_match_the_local_executor(local_ray, local_run, tmp_path):
     trainer = Trainer(sine_config(tmp_path, *STEPS, FINAL_ONLY, *RANKS, "runtime.workers=3",
                                   "tracking.enabled=false"))
     summary = trainer.fit(progress=False)
-    assert _rel_err(trainer.params, local_run[0].params) < 1e-5
+    assert rel_err(trainer.params, local_run[0].params) < 1e-5
     assert len(set(summary["runtime"]["param_digests"])) == 1 and summary["runtime"]["workers"] == 3
 
 

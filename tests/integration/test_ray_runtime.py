@@ -11,7 +11,7 @@ import torch
 
 from metadist.runtime.driver import Trainer, resume_trainer
 
-from ..conftest import crash_at, sine_config
+from ..conftest import crash_at, rel_err, sine_config
 
 # Fractional CPUs so that three workers fit on the 2-CPU test cluster; one torch thread each.
 RAY = ["runtime.executor=ray", "runtime.cpus_per_worker=0.5", "runtime.threads=1"]
@@ -23,12 +23,6 @@ def _fit(cfg, **hooks):
         setattr(trainer, name, fn)
     summary = trainer.fit(progress=False)
     return trainer, summary
-
-
-def _rel_err(a: dict, b: dict) -> float:
-    num = sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt()
-    den = sum((b[k] ** 2).sum() for k in b).sqrt()
-    return (num / den).item()
 
 
 # The configuration every test below runs: 30 steps of the sinusoid debug job, a checkpoint every 10.
@@ -46,7 +40,7 @@ def test_ray_workers_reproduce_the_local_executor(local_ray, sine_debug, two_wor
     ref, _ = _fit(sine_debug(*STEPS))
     for w in (1, 2, 3):
         trainer, summary = two_workers if w == 2 else _fit(sine_debug(*STEPS, *RAY, f"runtime.workers={w}"))
-        assert _rel_err(trainer.params, ref.params) < 1e-5, w
+        assert rel_err(trainer.params, ref.params) < 1e-5, w
         assert summary["runtime"]["workers"] == w and summary["runtime"]["executor"] == "ray"
     assert not local_ray.util.placement_group_table() or all(
         pg["state"] == "REMOVED" for pg in local_ray.util.placement_group_table().values())
