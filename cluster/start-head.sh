@@ -6,8 +6,11 @@
 # second Ray on the machine (a local `metadist tune` has one) needs a port of its own there, or the head
 # answers "No available agent to submit job".
 #
-# The processes `ray start` leaves behind are recorded in $METADIST_HEAD_DIR/pids, so that
-# cluster/stop-head.sh stops exactly them (and what they spawned), never another Ray on the machine.
+# The head's own processes are recorded in $METADIST_HEAD_DIR/pids, so that cluster/stop-head.sh
+# stops exactly them (and what they spawned), never another Ray on the machine: they are the processes
+# whose command line names this head's temp dir (GCS, raylet, dashboard, monitors; the agents and
+# workers are their descendants). A list of Ray processes taken before and after `ray start` would also
+# catch another Ray that started at the same moment.
 set -euo pipefail
 
 STATE="${METADIST_HEAD_DIR:-/tmp/metadist-head}"
@@ -20,8 +23,6 @@ RAY="${RAY:-$(command -v ray || echo "$(dirname "$0")/../.venv/bin/ray")}"
 # Jobs on this head run `python -m metadist.cli`: the Python that has this Ray (and metadist's deps).
 export PATH="$(cd "$(dirname "$RAY")" && pwd):$PATH"
 
-ray_pids() { pgrep -f "ray[/:]|raylet|gcs_server" | sort -u || true; }
-BEFORE="$(ray_pids)"
 "$RAY" start --head \
   --node-ip-address=127.0.0.1 --port="${RAY_PORT:-6379}" \
   --dashboard-host=127.0.0.1 --dashboard-port="${RAY_DASHBOARD_PORT:-8265}" \
@@ -29,7 +30,7 @@ BEFORE="$(ray_pids)"
   --num-cpus="${RAY_NUM_CPUS:-2}" --object-store-memory="${RAY_OBJECT_STORE_BYTES:-500000000}" \
   --temp-dir="$STATE/ray" --disable-usage-stats
 
-comm -13 <(echo "$BEFORE") <(ray_pids) > "$STATE/pids"
+pgrep -f "$STATE/ray/" > "$STATE/pids" || true
 cat > "$STATE/head.env" <<ENV
 RAY_ADDRESS=127.0.0.1:${RAY_PORT:-6379}
 DASHBOARD=http://127.0.0.1:${RAY_DASHBOARD_PORT:-8265}
