@@ -71,7 +71,6 @@ class CollectiveExecutor:
         self.shard = TaskShard(cfg, rank=rank, world=world)
         self.device = self.shard.device
         self.restarts = restarts  # group restarts within this fit() (Ray Train restarted every rank)
-        self.layout: Layout | None = None
         info = {"rank": rank, "pid": os.getpid(), "node": socket.gethostname(), **self.shard.describe()}
         self.infos: list = [None] * world
         dist.all_gather_object(self.infos, info)
@@ -92,21 +91,20 @@ class CollectiveExecutor:
         start = time.perf_counter()
         grads, sums = self.shard.compute(params, step, spec, split_tasks(tasks, self.world)[self.rank])
         compute_s = time.perf_counter() - start
-        self.layout = self.layout or Layout.of(grads)
-        # One flat tensor for the gradients and the metric sums together: one collective per step. The
-        # sums travel in the gradients' dtype (counts stay exact far beyond any meta-batch size).
-        keys = sorted(sums)
-        flat_grads = self.layout.flatten(grads)
-        flat = torch.cat([flat_grads] + [sums[k].to(flat_grads.dtype).reshape(-1) for k in keys])
+        # The gradients and the metric sums as one flat tensor: one collective per step. The sums travel
+        # in the gradients' dtype (counts stay exact far beyond any meta-batch size); their keys, which
+        # differ between logging steps and others, are the same on every rank at a given step.
+        dtype = next(iter(grads.values())).dtype
+        both = {**{f"grad/{k}": v for k, v in grads.items()},
+                **{f"sum/{k}": sums[k].to(dtype) for k in sorted(sums)}}
+        layout = Layout.of(both)
+        flat = layout.flatten(both)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        total = self.layout.unflatten(flat[:self.layout.numel])
-        out, offset = {}, self.layout.numel
-        for k in keys:
-            n = sums[k].numel()
-            out[k] = flat[offset:offset + n].reshape(sums[k].shape).to(sums[k].dtype)
-            offset += n
+        total = layout.unflatten(flat)
         wall = time.perf_counter() - start
-        return StepResult(total, out, compute_s, max(wall - compute_s, 0.0))
+        return StepResult({k: total[f"grad/{k}"] for k in grads},
+                          {k: total[f"sum/{k}"].to(sums[k].dtype) for k in sums}, compute_s,
+                          max(wall - compute_s, 0.0))
 
     def data_state(self) -> list:
         """Every rank's task stream position (None entries: procedural tasks); a collective call."""
@@ -129,9 +127,6 @@ class CollectiveExecutor:
         with tempfile.TemporaryDirectory() as folder:  # Ray Train copies the folder into its storage
             shutil.copyfile(path, Path(folder) / "checkpoint.pt")
             ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder))
-
-    def pids(self) -> list[int]:
-        return [i["pid"] for i in self.infos]
 
     def describe(self) -> dict:
         return {"executor": "collective", "workers": self.world, "ray_version": ray.__version__,

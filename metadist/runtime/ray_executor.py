@@ -4,8 +4,9 @@ Per outer step the driver flattens the meta-parameters into one numpy buffer, pu
 store once, and sends every worker the reference, the step and its task indices. A worker draws its
 own tasks, calls `metadist.algorithms` through its `TaskShard`, and returns the summed meta-gradients
 as one flat numpy buffer, its metrics and its compute time. numpy buffers travel zero-copy within a
-node, where pickled torch tensors are copied through the serializer. The driver adds the results in worker order (so the
-same seed and worker count give bit-identical results), and the trainer divides by the task count.
+node, where pickled torch tensors are copied through the serializer. The driver adds the results in
+worker order (so the same seed and worker count give bit-identical results), and the trainer divides
+by the task count.
 
 A worker that dies mid-step (its process killed, its node lost) is replaced by a new actor in the same
 placement-group bundle, and its tasks of that step are computed again: procedural tasks are a pure
