@@ -36,15 +36,20 @@ def empty_store(tmp_path_factory) -> Path:
     return path
 
 
+def new_store(tmp_path_factory, empty_store: Path, name: str = "store") -> str:
+    """The URI of a fresh copy of `empty_store`, in a folder of its own."""
+    path = tmp_path_factory.mktemp(name) / "mlflow.db"
+    shutil.copyfile(empty_store, path)
+    return f"sqlite:///{path}"
+
+
 @pytest.fixture(autouse=True)
 def mlflow_store(tmp_path_factory, monkeypatch, empty_store):
     """Every test that records to MLflow records to its own SQLite store, never to ./mlflow.db. The store
     starts as a copy of `empty_store`, in a folder of its own beside the test's `tmp_path` (which stays
     empty for the test to inspect); metadist creates its experiments with their artifacts beside the
     database, so nothing of one test's store points at another's folder."""
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    shutil.copyfile(empty_store, path)
-    uri = f"sqlite:///{path}"
+    uri = new_store(tmp_path_factory, empty_store)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
 

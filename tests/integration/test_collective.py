@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -20,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from metadist.runtime.driver import Callback, Every, Trainer, resume_trainer
 from metadist.runtime.errors import ClusterError
 
-from ..conftest import crash_at, rel_err, sine_config
+from ..conftest import crash_at, new_store, rel_err, sine_config
 
 # Fractional CPUs so that three ranks fit on the 2-CPU test cluster; one torch thread each. 25 tasks:
 # uneven shares for 2 (13 + 12) and 3 (9 + 8 + 8) ranks.
@@ -42,12 +41,11 @@ def two_ranks(local_ray, tmp_path_factory, empty_store):
     """An uninterrupted 2-rank run, recorded in an MLflow store of its own: (trainer, summary, store)."""
     from metadist.tracking import Tracker
 
-    store = tmp_path_factory.mktemp("two-ranks-store") / "mlflow.db"
-    shutil.copyfile(empty_store, store)
+    store = new_store(tmp_path_factory, empty_store, "two-ranks-store")
     cfg = sine_config(tmp_path_factory.mktemp("two-ranks"), *STEPS, FINAL_ONLY, *RANKS, "runtime.workers=2",
-                      f"tracking.uri=sqlite:///{store}")
+                      f"tracking.uri={store}")
     trainer = Trainer(cfg, tracker=Tracker(cfg))
-    return trainer, trainer.fit(progress=False), f"sqlite:///{store}"
+    return trainer, trainer.fit(progress=False), store
 
 
 @pytest.mark.slow

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ..conftest import ROOT
+from ..conftest import ROOT, new_store
 
 # Their own Ray (a `metadist tune`, a head): in a pytest-xdist worker of their own, beside the in-process
 # Ray tests, which mostly compute while these mostly wait on processes starting and polling.
@@ -20,9 +19,7 @@ pytestmark = [pytest.mark.usefixtures("no_local_ray"), pytest.mark.xdist_group("
 @pytest.fixture(scope="module")
 def cluster_store(tmp_path_factory, empty_store):
     """The MLflow store the head's own environment names, as a KubeRay ConfigMap would."""
-    path = tmp_path_factory.mktemp("cluster") / "mlflow.db"
-    shutil.copyfile(empty_store, path)
-    return f"sqlite:///{path}"
+    return new_store(tmp_path_factory, empty_store, "cluster")
 
 
 @pytest.fixture(scope="module")
