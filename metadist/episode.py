@@ -50,3 +50,9 @@ class Episode:
         info = {k: torch.cat([p.info[k] for p in parts]) for k in keys}
         return Episode(*(torch.cat([getattr(p, f.name) for p in parts])
                          for f in fields(Episode) if f.name != "info"), info)
+
+
+def episode_range(episodes: "int | range") -> range:
+    """The indices of a fixed task list's episodes: `n` means the first n, a range those episodes (a
+    worker's share of an evaluation)."""
+    return range(episodes) if isinstance(episodes, int) else episodes

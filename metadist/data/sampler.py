@@ -26,7 +26,7 @@ import webdataset as wds
 from metadist.data.format import DataError, check_members, decode_cls, decode_image
 from metadist.data.manifest import Manifest
 from metadist.config import SPLITS
-from metadist.episode import Episode
+from metadist.episode import Episode, episode_range
 
 
 def _to_float(images: np.ndarray) -> torch.Tensor:
@@ -174,9 +174,10 @@ def _named_error(exn: Exception) -> bool:
                     f"it may be truncated: check it with `metadist data verify`") from None
 
 
-def fixed_episodes(manifest: Manifest, split: str, n: int, *, ways: int, shots: int, query: int, channels: int,
+def fixed_episodes(manifest: Manifest, split: str, n: int | range, *, ways: int, shots: int, query: int, channels: int,
                    size: int, seed: int) -> Episode:
-    """The fixed evaluation list of `split`: episode e is a pure function of (seed, split, e)."""
+    """The fixed evaluation list of `split` (its first n episodes, or those of range n): episode e is a
+    pure function of (seed, split, e)."""
     classes = manifest.classes(split)
     need = shots + query
     eligible = sorted(c for c, rows in classes.items() if len(rows) >= need)
@@ -185,7 +186,7 @@ def fixed_episodes(manifest: Manifest, split: str, n: int, *, ways: int, shots: 
                         f"images; {ways}-way episodes need {ways}")
     parts = []
     split_code = SPLITS[split]
-    for e in range(n):
+    for e in episode_range(n):
         rng = np.random.default_rng([seed, split_code, e, 11])
         chosen = rng.choice(eligible, ways, replace=False)
         rows = [rng.choice(classes[int(c)], need, replace=False) for c in chosen]

@@ -30,7 +30,7 @@ class FewShotTasks:
     def sample(self, step: int, indices, shots: int, query: int) -> Episode:
         return self.stream.sample(step, indices, shots, query)
 
-    def fixed(self, split: str, n: int, shots: int, query: int) -> Episode:
+    def fixed(self, split: str, n: int | range, shots: int, query: int) -> Episode:
         return fixed_episodes(self.manifest, split, n, shots=shots, query=query, seed=self.cfg.seed, **self.shape)
 
     def state(self) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from metadist.episode import Episode
+from metadist.episode import Episode, episode_range
 from metadist.tasks.describe import procedural
 from metadist.tasks.sinusoid import task_seed
 
@@ -36,8 +36,8 @@ class NoiseImageTasks:
     def sample(self, step: int, indices, shots: int, query: int) -> Episode:
         return self.episodes("train", step, indices, shots, query)
 
-    def fixed(self, split: str, n: int, shots: int, query: int) -> Episode:
-        return self.episodes(split, -1, range(n), shots, query)
+    def fixed(self, split: str, n: int | range, shots: int, query: int) -> Episode:
+        return self.episodes(split, -1, episode_range(n), shots, query)
 
     def dataset(self, split: str) -> dict:
         """This task source's description for the run record (`metadist.tasks.describe`)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from metadist.config import SPLITS
-from metadist.episode import Episode
+from metadist.episode import Episode, episode_range
 from metadist.tasks.describe import procedural
 
 _MASK = (1 << 64) - 1
@@ -97,10 +97,11 @@ class SinusoidTasks:
         """Training tasks for one outer step."""
         return self.episodes("train", step, indices, shots, query)
 
-    def fixed(self, split: str, n: int, shots: int, query: int) -> Episode:
-        """The fixed evaluation list for `split`: the same n tasks for every run with this seed."""
+    def fixed(self, split: str, n: int | range, shots: int, query: int) -> Episode:
+        """The fixed evaluation list for `split` (its first n tasks, or those of range n): the same
+        tasks for every run with this seed."""
         # Step -1 is never a training step, so evaluation tasks cannot coincide with training ones.
-        return self.episodes(split, -1, range(n), shots, query)
+        return self.episodes(split, -1, episode_range(n), shots, query)
 
     def dataset(self, split: str) -> dict:
         """This task source's description for the run record (`metadist.tasks.describe`)."""
