@@ -30,11 +30,31 @@ def summarise(values: torch.Tensor) -> dict:
             "median": finite.median().item() if n else math.nan, "diverged": int(values.numel() - n)}
 
 
+def episode_curves(model, params: dict, cfg, tasks, indices: range, *, task_parallel: str,
+                   steps: int | None = None, split: str | None = None) -> dict[str, torch.Tensor]:
+    """Per-episode query metrics of the fixed `split` episodes `indices` after 0..steps test-time steps:
+    {"loss": (E, S+1)[, "acc": (E, S+1)]}. Shares computed apart and joined in index order
+    (`join_curves`) give the curves of one process: on the CPU bit for bit, since an episode's curve does
+    not depend on which other episodes share its batch."""
+    spec = make_eval_spec(cfg, steps, task_parallel=task_parallel)
+    batch = tasks.fixed(split or cfg.eval.split, indices, cfg.eval.shots or cfg.task.shots, cfg.eval.query)
+    return adapt_curve(model, params, batch.to(next(iter(params.values())).device), spec)
+
+
+def join_curves(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The curves of consecutive shares of the episodes as one set, in episode order (empty shares, {},
+    are skipped)."""
+    parts = [p for p in parts if p]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
 def evaluate(model, params: dict, cfg, tasks, *, task_parallel: str, episodes: int | None = None,
-             steps: int | None = None, split: str | None = None) -> dict:
+             steps: int | None = None, split: str | None = None, curves=None) -> dict:
     """Adapt to the fixed evaluation tasks and report rows for 0..steps test-time steps.
 
     `task_parallel` is the run's resolved mode (`vmap` or `loop`), the one training measured faster.
+    `curves(split, episodes, steps)`, if given, computes the per-episode curves elsewhere (an executor's
+    workers, each on its share); by default this process adapts every episode.
 
     Rows carry `mean` and `ci95` of the primary metric (MSE for regression, accuracy in % for
     classification), plus `loss_mean`/`loss_ci95` for classification and a `diverged` count.
@@ -42,9 +62,16 @@ def evaluate(model, params: dict, cfg, tasks, *, task_parallel: str, episodes: i
     episodes = episodes or cfg.eval.episodes
     split = split or cfg.eval.split
     spec = make_eval_spec(cfg, steps, task_parallel=task_parallel)
-    shots = cfg.eval.shots or cfg.task.shots
-    batch = tasks.fixed(split, episodes, shots, cfg.eval.query)
-    curves = adapt_curve(model, params, batch, spec)
+    if curves is None:
+        out = episode_curves(model, params, cfg, tasks, range(episodes), task_parallel=task_parallel,
+                             steps=spec.steps, split=split)
+    else:
+        out = curves(split, episodes, spec.steps)
+    return report_of(out, spec, split=split, shots=cfg.eval.shots or cfg.task.shots, episodes=episodes)
+
+
+def report_of(curves: dict[str, torch.Tensor], spec, *, split: str, shots: int, episodes: int) -> dict:
+    """The evaluation report of per-episode curves: a row of statistics per number of test-time steps."""
     loss = curves["loss"]
     rows = []
     for s in range(spec.steps + 1):

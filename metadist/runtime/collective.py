@@ -49,6 +49,7 @@ from metadist.algorithms.spec import InnerSpec
 from metadist.config import Config, ConfigError, dump_config, from_dict, to_dict
 from metadist.data.format import DataError
 from metadist.errors import UserError
+from metadist.evaluation import join_curves
 from metadist.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metadist.runtime.errors import ClusterError, TrainingDiverged
 from metadist.runtime.flat import Layout
@@ -106,6 +107,17 @@ class CollectiveExecutor:
                           {k: total[f"sum/{k}"].to(sums[k].dtype) for k in sums}, compute_s,
                           max(wall - compute_s, 0.0))
 
+    def eval_curves(self, params: Tensors, buffers: Tensors, split: str, episodes: int, steps: int,
+                    task_parallel: str) -> Tensors:
+        """The per-episode curves of the fixed `split` episodes 0..episodes-1: this rank adapts its share
+        (split by index) on its device, and every rank gathers every share, in episode order; a
+        collective call."""
+        share = split_tasks(episodes, self.world)[self.rank]
+        mine = self.shard.eval_curves(params, buffers, split, share, steps, task_parallel) if len(share) else {}
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, mine)  # (episodes x steps) floats per rank: small next to a gradient
+        return join_curves(parts)
+
     def data_state(self) -> list:
         """Every rank's task stream position (None entries: procedural tasks); a collective call."""
         states: list = [None] * self.world
@@ -140,7 +152,7 @@ class CollectiveExecutor:
 # -- in each rank ---------------------------------------------------------------------------------------
 def rank_main(config: dict) -> None:
     """The function every Ray Train rank runs: the outer loop on this rank's share of each step."""
-    from metadist.runtime.driver import Trainer
+    from metadist.runtime.driver import Trainer, drop_records_after
 
     for name in ("ray.train", "ray.tune"):  # a line per report and checkpoint would drown the run's output
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -155,6 +167,8 @@ def rank_main(config: dict) -> None:
     if reported is not None:
         with reported.as_directory() as folder:
             state = load_checkpoint(Path(folder) / "checkpoint.pt")
+        if main:  # the steps after it are computed again, and logged again
+            drop_records_after(run_dir / "metrics.jsonl", state["step"])
     else:
         state = start_state
     tracker = None
@@ -170,6 +184,7 @@ def rank_main(config: dict) -> None:
     console = Console(stderr=True, quiet=not main)
     trainer = Trainer(cfg, run_dir=run_dir, console=console, tracker=tracker, device=executor.device)
     trainer.main = main
+    trainer.tracked = config["tracking"] is not None  # every rank evaluates the baseline rank 0 records
     trainer.executor = executor
     trainer.callbacks.extend(config["callbacks"])
     if main:  # which process is which rank, for `ray status`, for a debugger, for a test's fault
@@ -179,7 +194,7 @@ def rank_main(config: dict) -> None:
     if trainer.resume_data and any(s is not None for s in trainer.resume_data):
         executor.load_data_state(trainer.resume_data)
     try:
-        trainer.start()
+        trainer.start()  # fit() finds it started
         if tracker is not None:  # a restarted rank 0 continues this MLflow run, not a new one
             (run_dir / RUN_ID).write_text(tracker.run_id)
         summary = trainer.fit(progress=False)

@@ -13,6 +13,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
@@ -146,6 +147,10 @@ class Trainer:
         self.executor = None
         self.resume_data = None  # task stream positions from a checkpoint, applied when the workers start
         self.tracker = tracker
+        # Whether the run is recorded: on a collective group only rank 0 holds the tracker, but every rank
+        # takes part in the baseline evaluation that the record's plots need.
+        self.tracked = tracker is not None
+        self.started = False
         self.baseline: dict | None = None  # evaluation and parameters before meta-training, for the plots
         self.saved_state: dict | None = None  # the state the last checkpoint holds
         self.clock = StepClock(cfg.train.warmup_steps)
@@ -256,7 +261,10 @@ class Trainer:
 
     # -- around the loop ----------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the executor (Ray workers), resolve `auto`, and open the tracker's run."""
+        """Start the executor (Ray workers), resolve `auto`, open the tracker's run, and evaluate the
+        initial parameters for the record; once (a second call does nothing)."""
+        if self.started:
+            return
         if self.executor is None:
             self.executor = make_executor(self.cfg, self.params, self.console)
             if self.resume_data and any(s is not None for s in self.resume_data):
@@ -268,7 +276,9 @@ class Trainer:
                       "device_kinds": ",".join(info["devices"]), "torch_version": torch.__version__,
                       "task_parallel": self.task_parallel}
             self.tracker.start(self.run_dir, system, self.datasets())
+        if self.tracked:
             self.baseline = self._baseline()
+        self.started = True
 
     def resolve_task_parallel(self) -> str:
         """The run's `vmap` or `loop`: the config's, else (`auto`) whichever the executor measured faster
@@ -290,24 +300,28 @@ class Trainer:
     def _baseline(self) -> dict | None:
         # The "before meta-training" side of the plots: the initial parameters and their evaluation, kept
         # in the run folder so that a resumed run draws the same curves.
+        # At step 0 it is always computed: on a collective group every rank takes part, and none may skip
+        # it because rank 0 already wrote it before a restart.
         path, init_path = self.run_dir / "eval_initial.json", self.run_dir / "params_initial.pt"
-        if path.exists() and init_path.exists():
-            return {"report": json.loads(path.read_text()), "params": torch.load(init_path, weights_only=True)}
         if self.step != 0:
+            if path.exists() and init_path.exists():
+                return {"report": json.loads(path.read_text()), "params": torch.load(init_path, weights_only=True)}
             return None  # resumed without a baseline: the plots show the meta-trained run alone
         params = {k: v.detach().clone() for k, v in self.params.items()}
-        torch.save(params, init_path)
         report = self.report()
-        path.write_text(json.dumps(report, indent=2))
+        if self.main:
+            torch.save(params, init_path)
+            path.write_text(json.dumps(report, indent=2))
         return {"report": report, "params": params}
 
     def finish(self) -> dict:
         """The final checkpoint and evaluation; the summary; and, with a tracker, the run's record:
         metrics, files and figures, all computed here."""
         checkpoint = self.save()
+        report = self.evaluate()  # on a collective group every rank adapts its share of the episodes
         if not self.main:
-            return {}  # the other ranks of a collective group are done: rank 0 evaluates and records
-        summary = self.summary(self.evaluate(), checkpoint)
+            return {}  # the other ranks of a collective group are done: rank 0 records
+        summary = self.summary(report, checkpoint)
         if self.tracker is not None:
             model_path = self.run_dir / "model.pt"
             state = self.saved_state  # the model file is the checkpoint's config, parameters and buffers
@@ -341,6 +355,7 @@ class Trainer:
         if self.executor is not None:
             self.executor.close()
             self.executor = None
+        self.started = False
 
     def _data_state(self):
         # Procedural tasks: the step is the whole cursor. Streams: each worker's position.
@@ -392,15 +407,23 @@ class Trainer:
         self.resume_data = state.get("data_cursor", {}).get("workers")
 
     def report(self, episodes: int | None = None, steps: int | None = None, split: str | None = None) -> dict:
-        """The evaluation report of the current parameters on the fixed tasks of `split` (eval.split)."""
-        return evaluate(self.model, self.params, self.cfg, self.tasks, task_parallel=self.resolve_task_parallel(),
-                        episodes=episodes, steps=steps, split=split)
+        """The evaluation report of the current parameters on the fixed tasks of `split` (eval.split).
+        With Ray workers or ranks, each adapts its share of the episodes on its own device and the
+        per-episode results are gathered, so the report equals this process's own."""
+        task_parallel = self.resolve_task_parallel()
+        curves = None
+        if hasattr(self.executor, "eval_curves"):
+            buffers = dict(self.model.named_buffers())  # the running statistics live in the driver's model
+            curves = partial(self.executor.eval_curves, self.params, buffers, task_parallel=task_parallel)
+        return evaluate(self.model, self.params, self.cfg, self.tasks, task_parallel=task_parallel,
+                        episodes=episodes, steps=steps, split=split, curves=curves)
 
     def evaluate(self, episodes: int | None = None, steps: int | None = None) -> dict:
         """The final evaluation: the report, written to eval.json and printed."""
         report = self.report(episodes=episodes, steps=steps)
-        (self.run_dir / "eval.json").write_text(json.dumps(report, indent=2))
-        print_eval(report, title=self.cfg.name, console=self.console)
+        if self.main:
+            (self.run_dir / "eval.json").write_text(json.dumps(report, indent=2))
+            print_eval(report, title=self.cfg.name, console=self.console)
         return report
 
     def summary(self, report: dict, checkpoint: Path) -> dict:
@@ -457,12 +480,13 @@ def resume_trainer(target: str | Path, console: Console | None = None, executor:
         tracker = Tracker(cfg, run_id=state.get("mlflow_run_id"))
     trainer = Trainer(cfg, run_dir=run_dir, console=console, tracker=tracker)
     trainer.load_state(state)
-    _drop_records_after(run_dir / "metrics.jsonl", trainer.step)
+    drop_records_after(run_dir / "metrics.jsonl", trainer.step)
     return trainer
 
 
-def _drop_records_after(log: Path, step: int) -> None:
-    # Records a crashed run logged after its checkpoint are computed again by the resumed run.
+def drop_records_after(log: Path, step: int) -> None:
+    """Remove the records of steps from `step` on: a run resumed from its checkpoint at `step` (after a
+    crash, or a collective group's restart) computes and logs them again."""
     if log.exists():
         lines = [line for line in log.read_text().splitlines() if line.strip()]
         kept = [line for line in lines if json.loads(line)["step"] < step]

@@ -18,6 +18,7 @@ from metadist.algorithms import ALGORITHMS
 from metadist.algorithms import batching
 from metadist.algorithms.spec import InnerSpec
 from metadist.config import Config, ConfigError
+from metadist.evaluation import episode_curves
 from metadist.models import build_model
 from metadist.tasks import build_tasks
 
@@ -92,6 +93,16 @@ class TaskShard:
         batch = self._batch(step, indices)
         params = {k: v.to(self.device) for k, v in params.items()}
         return self.algorithm(self.model, params, batch, spec)
+
+    def eval_curves(self, params: Tensors, buffers: Tensors, split: str, indices: range, steps: int,
+                    task_parallel: str) -> Tensors:
+        """Per-episode evaluation curves of the fixed `split` episodes `indices`, on this device, with the
+        driver's parameters and BatchNorm buffers (its running statistics), returned on the CPU."""
+        self.model.load_state_dict({**self.model.state_dict(), **buffers}, strict=False)
+        params = {k: v.to(self.device) for k, v in params.items()}
+        curves = episode_curves(self.model, params, self.cfg, self.tasks, indices, task_parallel=task_parallel,
+                                steps=steps, split=split)
+        return {k: v.cpu() for k, v in curves.items()}
 
     def data_state(self):
         """The task stream's position (None for procedural tasks, whose position is the step)."""

@@ -33,6 +33,7 @@ from rich.console import Console
 
 from metadist.algorithms.spec import InnerSpec
 from metadist.config import Config, from_dict, to_dict
+from metadist.evaluation import join_curves
 from metadist.runtime import cluster
 from metadist.runtime.errors import ClusterError
 from metadist.runtime.flat import Layout
@@ -67,6 +68,11 @@ class MetaWorker:
 
     def choose_task_parallel(self, flat_params: np.ndarray, step: int, spec: InnerSpec, indices: range) -> str:
         return self.shard.choose_task_parallel(self._params(flat_params), step, spec, indices)
+
+    def eval_curves(self, flat_params: np.ndarray, buffers: Tensors, split: str, indices: range, steps: int,
+                    task_parallel: str) -> Tensors:
+        """This worker's share of an evaluation: per-episode curves of the fixed episodes `indices`."""
+        return self.shard.eval_curves(self._params(flat_params), buffers, split, indices, steps, task_parallel)
 
     def _params(self, flat_params: np.ndarray) -> Tensors:
         # The array is the object store's read-only, zero-copy buffer; one copy makes it the worker's own
@@ -178,19 +184,8 @@ class RayExecutor:
     def compute(self, params: Tensors, step: int, spec: InnerSpec, tasks: int) -> StepResult:
         start = time.perf_counter()
         ref = ray.put(self._flat(params))  # once per step, shared by every worker
-        shares = [(rank, r) for rank, r in enumerate(split_tasks(tasks, len(self.actors))) if len(r)]
-        pending = {self.actors[rank].compute.remote(ref, step, spec, r): (rank, r) for rank, r in shares}
-        if self.after_submit is not None:
-            self.after_submit(step, self)
-        results = {}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            rank, share = pending.pop(done[0])
-            try:
-                results[rank] = ray.get(done[0])
-            except ray.exceptions.RayActorError as err:
-                self._replace(rank, err)
-                pending[self.actors[rank].compute.remote(ref, step, spec, share)] = (rank, share)
+        results = self._on_workers(split_tasks(tasks, len(self.actors)),
+                                   lambda actor, share: actor.compute.remote(ref, step, spec, share), step)
         total, sums = None, {}
         for rank in sorted(results):  # a fixed order: same seed and W give bit-identical sums
             flat, metrics, _, self.data_states[rank] = results[rank]
@@ -201,6 +196,34 @@ class RayExecutor:
         compute_s = max(r[2] for r in results.values())
         wall = time.perf_counter() - start
         return StepResult(self.layout.unflatten(total), sums, compute_s, max(wall - compute_s, 0.0))
+
+    def eval_curves(self, params: Tensors, buffers: Tensors, split: str, episodes: int, steps: int,
+                    task_parallel: str) -> Tensors:
+        """The per-episode curves of the fixed `split` episodes 0..episodes-1: each worker adapts its share
+        (split by index) on its own device; the shares are joined in episode order."""
+        ref = ray.put(self._flat(params))
+        buffers = {k: v.cpu() for k, v in buffers.items()}
+        results = self._on_workers(
+            split_tasks(episodes, len(self.actors)),
+            lambda actor, share: actor.eval_curves.remote(ref, buffers, split, share, steps, task_parallel))
+        return join_curves([results[rank] for rank in sorted(results)])
+
+    def _on_workers(self, shares: list[range], submit, step: int | None = None) -> dict:
+        """`submit(actor, share)` for every worker with a non-empty share; their results by rank. A worker
+        that dies is replaced and its share submitted again (its tasks are recomputed, not lost)."""
+        pending = {submit(self.actors[rank], share): (rank, share) for rank, share in enumerate(shares) if len(share)}
+        if self.after_submit is not None and step is not None:
+            self.after_submit(step, self)
+        results = {}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            rank, share = pending.pop(done[0])
+            try:
+                results[rank] = ray.get(done[0])
+            except ray.exceptions.RayActorError as err:
+                self._replace(rank, err)
+                pending[submit(self.actors[rank], share)] = (rank, share)
+        return results
 
     def _flat(self, params: Tensors) -> np.ndarray:
         # numpy, not a torch tensor: Ray stores it as one zero-copy buffer that workers on this node map

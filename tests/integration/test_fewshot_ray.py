@@ -8,6 +8,7 @@ run beside the tests that use Ray (make test's parallel workers) instead of afte
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -16,6 +17,7 @@ import torch
 
 from metadist.config import load_config
 from metadist.data.synth import synth_dataset
+from metadist.models import build_model
 from metadist.runtime.driver import Trainer
 
 from ..conftest import ROOT, crash_at
@@ -61,7 +63,8 @@ def test_debug_job_meta_trains_on_ray(synth, tmp_path, local_ray):
     assert summary["runtime"]["executor"] == "ray" and summary["runtime"]["workers"] == 2
 
 
-SHORT = ["train.steps=12", "train.checkpoint_every=5", "eval.episodes=5"]
+# Per-step BatchNorm: the evaluation normalises with running statistics that only the driver updates.
+SHORT = ["train.steps=12", "train.checkpoint_every=5", "eval.episodes=5", "model.bn=per_step"]
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +73,20 @@ def clean(synth, tmp_path_factory, local_ray):
     trainer = Trainer(_cfg("maml", synth, tmp_path_factory.mktemp("clean"), *SHORT))
     trainer.fit(progress=False)
     return trainer
+
+
+def test_evaluation_on_the_workers_is_the_one_process_evaluation(clean):
+    # The workers adapted 3 + 2 of the 5 fixed test episodes with the driver's parameters and running
+    # statistics; gathered, their report is this process's own, bit for bit.
+    report = json.loads((clean.run_dir / "eval.json").read_text())
+    assert clean.executor is None and clean.report()["rows"] == report["rows"]
+    # The running statistics matter to it: with a fresh model's, the same parameters score otherwise.
+    trained = {k: v.clone() for k, v in clean.model.named_buffers()}
+    clean.model.load_state_dict({**clean.model.state_dict(), **dict(build_model(clean.cfg).named_buffers())})
+    try:
+        assert clean.report()["rows"] != report["rows"]
+    finally:
+        clean.model.load_state_dict({**clean.model.state_dict(), **trained})
 
 
 def test_killed_worker_continues_its_stream(synth, tmp_path, clean):

@@ -9,6 +9,7 @@ import signal
 import pytest
 import torch
 
+from metadist import evaluation
 from metadist.runtime.driver import Trainer, resume_trainer
 
 from ..conftest import crash_at, rel_err, sine_config
@@ -36,12 +37,23 @@ def two_workers(local_ray, tmp_path_factory):
     return _fit(sine_config(tmp_path_factory.mktemp("w2"), *STEPS, *RAY, "runtime.workers=2"))
 
 
-def test_ray_workers_reproduce_the_local_executor(local_ray, sine_debug, two_workers):
+def test_ray_workers_reproduce_the_local_executor(local_ray, sine_debug, two_workers, monkeypatch):
     ref, _ = _fit(sine_debug(*STEPS))
-    for w in (1, 2, 3):
-        trainer, summary = two_workers if w == 2 else _fit(sine_debug(*STEPS, *RAY, f"runtime.workers={w}"))
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the driver adapted evaluation episodes itself")
+
+    # The workers evaluate: this process may not (they are other processes, and keep the real function).
+    monkeypatch.setattr(evaluation, "episode_curves", not_here)
+    runs = {w: _fit(sine_debug(*STEPS, *RAY, f"runtime.workers={w}")) for w in (1, 3)}
+    monkeypatch.undo()
+    runs[2] = two_workers
+    for w, (trainer, summary) in runs.items():
         assert rel_err(trainer.params, ref.params) < 1e-5, w
         assert summary["runtime"]["workers"] == w and summary["runtime"]["executor"] == "ray"
+        # 10 test episodes in shares of 10, 5 + 5 and 4 + 3 + 3, gathered: this process's own report, bit
+        # for bit (the trainer's executor is closed, so it evaluates here).
+        assert trainer.report()["rows"] == summary["eval"]["rows"], w
     assert not local_ray.util.placement_group_table() or all(
         pg["state"] == "REMOVED" for pg in local_ray.util.placement_group_table().values())
 
