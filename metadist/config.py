@@ -129,8 +129,9 @@ class TrainConfig:
     """Outer steps between metric records (and the per-inner-step query metrics)."""
     checkpoint_every: NonNegInt = 0
     """Outer steps between checkpoints; 0 writes only the final one."""
-    out_dir: str = "runs"
-    """Directory under which each run gets its own folder."""
+    out_dir: Optional[str] = None
+    """Directory under which each run gets its own folder; empty takes $METADIST_OUT_DIR, else `runs` (a
+    Ray job needs one of them: its working directory is Ray's temporary copy)."""
     eval_every: NonNegInt = 0
     """Outer steps between validation evaluations during training (`eval.val_episodes` fixed tasks of the
     val split, logged as `val_<metric>`); 0 evaluates only at the end, on `eval.split`."""

@@ -31,12 +31,13 @@ from metadist.runtime.checkpoint import CheckpointError, load_checkpoint, save_c
 from metadist.runtime.errors import TrainingDiverged
 from metadist.runtime.flat import Layout
 from metadist.runtime.local import LocalExecutor, resolve_device
+from metadist.store_uri import out_dir
 from metadist.tasks import build_tasks
 
 
 def new_run_dir(cfg: Config) -> Path:
-    """A fresh folder `<train.out_dir>/<name>-<timestamp>` for this run's files."""
-    base = Path(cfg.train.out_dir) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    """A fresh folder `<train.out_dir>/<name>-<timestamp>` for this run's files (`store_uri.out_dir`)."""
+    base = out_dir(cfg.train.out_dir, "train.out_dir", "runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
     path, n = base, 1
     while path.exists():
         path, n = base.with_name(f"{base.name}-{n}"), n + 1

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.exceptions import MlflowException, RestException
@@ -13,7 +14,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 from mlflow.tracking import MlflowClient
 
 from metadist.runtime.submit import job_env
-from metadist.store_uri import SUBMITTER_URI, tracking_uri
+from metadist.store_uri import OUT_DIR, SUBMITTER_URI, PlaceError, out_dir, ray_job_package, tracking_uri
 from metadist.tracking import TrackingError, check_store
 
 from ..conftest import ROOT, free_port
@@ -29,6 +30,37 @@ def test_store_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://cluster:5000")  # a cluster's own store wins
     assert tracking_uri() == "http://cluster:5000"
     assert tracking_uri("http://configured:5000") == "http://configured:5000"
+
+
+def test_a_ray_job_never_writes_into_rays_copy_of_its_working_dir(monkeypatch, tmp_path):
+    # Where Ray unpacks a submitted working directory, and a job runs.
+    package = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0a1b"
+    (package / "jobs").mkdir(parents=True)
+    monkeypatch.chdir(package / "jobs")
+    for name in ("MLFLOW_TRACKING_URI", SUBMITTER_URI, OUT_DIR):
+        monkeypatch.delenv(name, raising=False)
+    assert ray_job_package() == package
+    with pytest.raises(PlaceError, match="this Ray job has no MLflow store: ./mlflow.db would be in Ray's "
+                                         "temporary copy.*set MLFLOW_TRACKING_URI"):
+        tracking_uri()
+    with pytest.raises(PlaceError, match="sqlite:///mlflow.db: it would be in"):
+        tracking_uri("sqlite:///mlflow.db")  # relative: in the job's working directory
+    with pytest.raises(PlaceError, match="no output folder: ./runs would be in .*set METADIST_OUT_DIR"):
+        out_dir(None, "train.out_dir", "runs")
+    with pytest.raises(PlaceError, match="train.out_dir=runs: it would be in"):
+        out_dir("runs", "train.out_dir", "runs")
+    # The cluster's settings (cluster/start-head.sh puts them in the head's environment) are taken.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv(OUT_DIR, str(tmp_path / "runs"))
+    assert tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert out_dir(None, "train.out_dir", "runs") == tmp_path / "runs"
+    assert out_dir(None, "out_dir", "runs/sweeps", under="sweeps") == tmp_path / "runs" / "sweeps"
+    assert out_dir(str(tmp_path / "mine"), "train.out_dir", "runs") == tmp_path / "mine"
+    # Outside a job: the same precedence, with ./runs last.
+    monkeypatch.chdir(tmp_path)
+    assert ray_job_package() is None and out_dir(None, "train.out_dir", "runs") == tmp_path / "runs"
+    monkeypatch.delenv(OUT_DIR)
+    assert out_dir(None, "train.out_dir", "runs") == Path("runs")
 
 
 def test_submitted_jobs_get_the_submitters_store_as_a_fallback_only(monkeypatch):
