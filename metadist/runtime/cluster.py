@@ -14,6 +14,19 @@ import ray
 from metadist.net import unreachable
 from metadist.runtime.errors import ClusterError
 
+# Seconds Ray Train waits for a failed collective group's ranks to shut their process group down before
+# it restarts the group. Its default, 30, is pure loss when a rank hangs (stopped, or stuck in a
+# collective): that rank never answers. A healthy group shuts down in well under a second. The
+# variable is read by Ray Train's controller, which inherits it from the job's runtime environment.
+SHUTDOWN_TIMEOUT = ("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "10")
+
+
+def _job_env() -> dict | None:
+    """The runtime environment of this process's Ray job: the bounded shutdown timeout, unless this
+    process's environment has one (the user's, or a submitted job's env_vars), which Ray passes on."""
+    name, default = SHUTDOWN_TIMEOUT
+    return None if name in os.environ else {"env_vars": {name: default}}
+
 
 def connect(address: str | None, *, key: str = "runtime.address", num_cpus: int | None = None,
             num_gpus: int | None = None, object_store_mb: int | None = None, dashboard: bool = False,
@@ -29,7 +42,7 @@ def connect(address: str | None, *, key: str = "runtime.address", num_cpus: int 
     if address:
         check_reachable(address, key)
         try:
-            ray.init(address=address, configure_logging=False, log_to_driver=log_to_driver)
+            ray.init(address=address, configure_logging=False, log_to_driver=log_to_driver, runtime_env=_job_env())
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise ClusterError(f"{key}={address!r}: could not join the Ray cluster "
                                f"({str(err).splitlines()[0][:300]})") from None
@@ -39,7 +52,7 @@ def connect(address: str | None, *, key: str = "runtime.address", num_cpus: int 
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, num_gpus=num_gpus,
              object_store_memory=object_store_mb * 1024 * 1024 if object_store_mb else None,
              include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False,
-             log_to_driver=log_to_driver)
+             log_to_driver=log_to_driver, runtime_env=_job_env())
     return True
 
 

@@ -72,6 +72,9 @@ class CollectiveExecutor:
         self.shard = TaskShard(cfg, rank=rank, world=world)
         self.device = self.shard.device
         self.restarts = restarts  # group restarts within this fit() (Ray Train restarted every rank)
+        # Metrics that go with the checkpoint reports while set: a sweep trial's validation, which Ray
+        # Train keeps from rank 0 and the trial's TuneReportCallback forwards to Tune.
+        self.report_metrics: dict = {}
         info = {"rank": rank, "pid": os.getpid(), "node": socket.gethostname(), **self.shard.describe()}
         self.infos: list = [None] * world
         dist.all_gather_object(self.infos, info)
@@ -133,12 +136,13 @@ class CollectiveExecutor:
     def checkpoint_saved(self, path: Path | None, step: int) -> None:
         """Report the checkpoint rank 0 just wrote to Ray Train, which restarts a failed group from it.
         Every rank calls this (Ray Train's report is a barrier); only rank 0 hands over a checkpoint."""
+        metrics = {"step": step, **self.report_metrics}
         if path is None:
-            ray.train.report({"step": step})
+            ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:  # Ray Train copies the folder into its storage
             shutil.copyfile(path, Path(folder) / "checkpoint.pt")
-            ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     def describe(self) -> dict:
         return {"executor": "collective", "workers": self.world, "ray_version": ray.__version__,
@@ -161,16 +165,16 @@ def rank_main(config: dict) -> None:
     cfg = from_dict(config["cfg"])
     run_dir = Path(config["run_dir"])
     main = rank == 0
-    starts = _count_start(run_dir) if main else 0
     start_state = load_checkpoint(run_dir / START)
     reported = ray.train.get_checkpoint()  # a restarted group: the last checkpoint it reported
     if reported is not None:
         with reported.as_directory() as folder:
             state = load_checkpoint(Path(folder) / "checkpoint.pt")
-        if main:  # the steps after it are computed again, and logged again
-            drop_records_after(run_dir / "metrics.jsonl", state["step"])
     else:
         state = start_state
+    if main:  # a restarted group computes the steps after its checkpoint again, and logs them again
+        drop_records_after(run_dir / "metrics.jsonl", state["step"])
+    starts = _count_start(run_dir, state["step"]) if main else 0
     tracker = None
     if main and config["tracking"] is not None:
         from metadist.tracking import Tracker  # MLflow is loaded in rank 0 only: no other rank logs
@@ -226,19 +230,21 @@ def param_digest(params: Tensors) -> str:
     return h.hexdigest()
 
 
-def _count_start(run_dir: Path) -> int:
-    """This group start's number within the run's fit() (1 for the first): rank 0 appends a line."""
+def _count_start(run_dir: Path, step: int) -> int:
+    """This group start's number within the run's fit() (1 for the first): rank 0 appends a line with
+    the time and the step it starts from."""
     path = run_dir / STARTS
     with open(path, "a") as fh:
-        fh.write(f"{time.time():.3f}\n")
+        fh.write(f"{time.time():.3f} {step}\n")
     return len(path.read_text().splitlines())
 
 
 # -- in the driver --------------------------------------------------------------------------------------
-def fit(trainer, progress: bool = True) -> dict:
+def fit(trainer, progress: bool = True, callbacks: tuple = ()) -> dict:
     """Run `trainer`'s run on a Ray Train group and bring its result back into `trainer`: the final
     parameters, optimizer and history from rank 0's checkpoint, and the summary rank 0 wrote. There is
-    no progress bar yet (`progress` is accepted for the common signature): the ranks run the loop."""
+    no progress bar yet (`progress` is accepted for the common signature): the ranks run the loop.
+    `callbacks`: Ray Train callbacks for the group (a sweep trial's report to Tune)."""
     from metadist.runtime.driver import read_history
 
     cfg, run_dir = trainer.cfg, trainer.run_dir
@@ -272,7 +278,10 @@ def fit(trainer, progress: bool = True) -> dict:
                 # The controller itself gives up after 2 failed attempts to start the group (the default,
                 # -1, retries an impossible one forever); ranks that fail are restarted max_failures times.
                 failure_config=ray.train.FailureConfig(max_failures=rt.max_worker_restarts,
-                                                       controller_failure_limit=2)))
+                                                       controller_failure_limit=2),
+                # A restart needs the latest registered checkpoint; the run folder keeps the run's own.
+                # Ray Train's default keeps every one reported, a full copy each.
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=list(callbacks)))
         trainer.console.log(f"collective: {rt.workers} rank(s), all-reduce over "
                             f"{'nccl' if gpu else 'gloo'}")
         try:

@@ -318,7 +318,8 @@ class Trainer:
     def finish(self) -> dict:
         """The final checkpoint and evaluation; the summary; and, with a tracker, the run's record:
         metrics, files and figures, all computed here."""
-        checkpoint = self.save()
+        saved = self.saved_state is not None and self.saved_state["step"] == self.step
+        checkpoint = self.run_dir / "checkpoint.pt" if saved else self.save()  # once, if the cadence just did
         report = self.evaluate()  # on a collective group every rank adapts its share of the episodes
         if not self.main:
             return {}  # the other ranks of a collective group are done: rank 0 records

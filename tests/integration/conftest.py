@@ -11,10 +11,11 @@ def local_ray():
     """The in-process local Ray: started once for the session (again after `no_local_ray` stopped it)."""
     import ray
 
-    if not ray.is_initialized():
-        # Starting Ray costs about 10 s here: modules share this instance rather than each starting one.
-        ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
-                 configure_logging=False, log_to_driver=False)
+    from metadist.runtime.cluster import connect
+
+    # Starting Ray costs about 10 s here: modules share this instance rather than each starting one. It
+    # is started as metadist starts one (its job environment included), sized for the tests.
+    connect(None, num_cpus=2, object_store_mb=200, dashboard=False, log_to_driver=False)
     yield ray
     if ray.is_initialized():
         ray.shutdown()

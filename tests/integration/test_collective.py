@@ -16,8 +16,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from metadist.runtime.driver import Callback, Every, Trainer, resume_trainer
-from metadist.runtime.errors import ClusterError
+from metadist.runtime.driver import Callback, Every, Trainer, read_history, resume_trainer
+from metadist.runtime.errors import ClusterError, TrainingDiverged
 
 from ..conftest import crash_at, new_store, rel_err, sine_config
 
@@ -96,49 +96,103 @@ def test_a_local_run_resumes_on_one_rank_bit_identically(local_ray, local_run, t
     assert [r["step"] for r in resumed.history] == [20, 29]  # logging resumed where the checkpoint left off
 
 
+def _wait_for(path, fit, timeout: float = 180.0) -> int:
+    """The pid a held rank wrote to `path`, once it has (the group runs in the thread `fit`)."""
+    deadline = time.time() + timeout
+    while not path.exists() and fit.is_alive() and time.time() < deadline:
+        time.sleep(0.1)
+    assert path.exists(), f"no rank reached {path.name}"
+    return int(path.read_text())
+
+
+def _registered_steps(run_dir) -> list[int]:
+    """The steps of the checkpoints Ray Train's controller has registered for the group in `run_dir`."""
+    steps = []
+    for snapshot in (run_dir / "ray_train").glob("*/checkpoint_manager_snapshot.json"):
+        steps += [r["metrics"]["step"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+    return steps
+
+
 @pytest.mark.slow
-def test_a_rank_killed_from_outside_restarts_the_group_and_changes_nothing(two_ranks, tmp_path, mlflow_store):
+def test_a_hung_rank_and_a_killed_rank_restart_the_group_and_change_nothing(two_ranks, tmp_path, mlflow_store):
+    """Two faults in one run, each from outside the group, as an operator or the kernel would deal them:
+    1. rank 1 hangs (SIGSTOP) after step 15, its last checkpoint step 10: the collective timeout and the
+       bounded process-group shutdown detect it, and the group restarts from step 10;
+    2. in the restarted group, rank 1 dies (SIGKILL) right after the step-20 checkpoint was reported. Ray
+       Train's controller polls every 2 s, so it may never register that checkpoint: the group then
+       restarts from step 10 again, and loses nothing but steps.
+    The run ends with a clean run's parameters, bit for bit, in one MLflow run that counts 2 restarts."""
     from metadist.tracking import Tracker
 
-    cfg = sine_config(tmp_path, *STEPS, *RANKS, "runtime.workers=2")
+    cfg = sine_config(tmp_path, *STEPS, *RANKS, "runtime.workers=2", "runtime.collective_timeout_s=15")
     trainer = Trainer(cfg, tracker=Tracker(cfg))
 
     def hold_rank_1(t):
-        # Rank 1 stops after step 15 of the group's first attempt (its checkpoint is step 10) and says
-        # where it is; the test kills it from outside. The restarted group finds the mark and goes on.
-        mark = t.run_dir / "rank-1-held"
-        if t.executor.rank == 1 and t.step == 15 and not mark.exists():
-            mark.write_text(str(os.getpid()))
-            time.sleep(300)
+        # Rank 1 writes its pid where the test looks, once per fault, and waits there for the signal.
+        for step, name in ((15, "hang"), (20, "kill")):
+            mark = t.run_dir / f"rank-1-{name}"
+            if t.executor.rank == 1 and t.step == step and not mark.exists():
+                mark.write_text(str(os.getpid()))
+                time.sleep(300)
 
-    trainer.rank_callbacks.append(Callback(Every(1), hold_rank_1))
+    trainer.rank_callbacks.append(Callback(Every(1), hold_rank_1))  # after the step's checkpoint report
     result: dict = {}
     fit = threading.Thread(target=lambda: result.update(summary=trainer.fit(progress=False)))
     fit.start()
-    mark = trainer.run_dir / "rank-1-held"
-    deadline = time.time() + 120
-    while not mark.exists() and fit.is_alive() and time.time() < deadline:
-        time.sleep(0.2)
-    pid = int(mark.read_text())
-    assert pid in [r["pid"] for r in json.loads((trainer.run_dir / "ranks.json").read_text())]
-    # Live: while the group is mid-run, rank 0 has already recorded its first records in MLflow.
-    client = MlflowClient(mlflow_store)
-    live = client.get_run((trainer.run_dir / "mlflow_run_id").read_text().strip())
-    assert live.info.status == "RUNNING"
-    assert [m.step for m in client.get_metric_history(live.info.run_id, "train/loss_after")] == [0, 10]
-    os.kill(pid, signal.SIGKILL)
-    fit.join(timeout=240)
+    try:
+        pid = _wait_for(trainer.run_dir / "rank-1-hang", fit)
+        assert pid in [r["pid"] for r in json.loads((trainer.run_dir / "ranks.json").read_text())]
+        # Live: while the group is mid-run, rank 0 has already recorded its first records in MLflow.
+        client = MlflowClient(mlflow_store)
+        live = client.get_run((trainer.run_dir / "mlflow_run_id").read_text().strip())
+        assert live.info.status == "RUNNING"
+        assert [m.step for m in client.get_metric_history(live.info.run_id, "train/loss_after")] == [0, 10]
+        # The step-10 checkpoint was reported before the hold; wait until Ray Train's controller (polling
+        # every 2 s) has registered it, so that the hang's restart is the one from a checkpoint.
+        deadline = time.time() + 30
+        while 10 not in _registered_steps(trainer.run_dir) and time.time() < deadline:
+            time.sleep(0.2)
+        assert 10 in _registered_steps(trainer.run_dir)
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.time()
+        os.kill(_wait_for(trainer.run_dir / "rank-1-kill", fit), signal.SIGKILL)
+        fit.join(timeout=240)
+    finally:
+        for mark in ("hang", "kill"):  # a stopped or held rank that the group did not take down
+            path = trainer.run_dir / f"rank-1-{mark}"
+            if path.exists() and fit.is_alive():
+                os.kill(int(path.read_text()), signal.SIGKILL)
     assert not fit.is_alive() and "summary" in result
+    starts = [line.split() for line in (trainer.run_dir / "group_starts").read_text().splitlines()]
+    assert [int(s[1]) for s in starts[:2]] == [0, 10]
+    assert float(starts[1][0]) - stopped < 120  # the hang cost minutes, not the 30-minute default
+    assert int(starts[2][1]) in (10, 20)  # 10 when Ray Train dropped the checkpoint reported at the kill
     summary = result["summary"]
-    assert summary["runtime"]["worker_restarts"] == 1
-    # Resumed from step 10 on a new group: the same parameters as a run nobody killed, bit for bit.
+    assert summary["runtime"]["worker_restarts"] == 2
+    # Resumed twice: the same parameters as a run nobody disturbed, bit for bit.
     clean = two_ranks[0]
     assert all(torch.equal(trainer.params[k], clean.params[k]) for k in clean.params)
     assert len(set(summary["runtime"]["param_digests"])) == 1
-    # One MLflow run across the restart, which it counts.
+    # Every step's record once, though steps 10 to 20 ran up to three times.
+    assert [r["step"] for r in read_history(trainer.run_dir)] == [0, 10, 20, 29]
+    # One MLflow run across the restarts, which it counts.
     (run,) = client.search_runs([client.get_experiment_by_name("maml-debug").experiment_id])
     assert run.info.run_id == trainer.tracker.run_id and run.info.status == "FINISHED"
-    assert run.data.metrics["runtime/worker_restarts"] == 1
+    assert run.data.metrics["runtime/worker_restarts"] == 2
+
+
+@pytest.mark.slow
+def test_a_diverged_step_ends_the_group_at_once_with_the_users_error(local_ray, tmp_path, mlflow_store):
+    from metadist.tracking import Tracker
+
+    # An inner learning rate that overflows the first step: a restart would meet it again.
+    cfg = sine_config(tmp_path, *STEPS, FINAL_ONLY, *RANKS, "runtime.workers=2", "inner.lr=1e30")
+    trainer = Trainer(cfg, tracker=Tracker(cfg))
+    with pytest.raises(TrainingDiverged, match="not finite at step 0"):
+        trainer.fit(progress=False)
+    assert len((trainer.run_dir / "group_starts").read_text().splitlines()) == 1  # no restart
+    run = MlflowClient(mlflow_store).get_run((trainer.run_dir / "mlflow_run_id").read_text().strip())
+    assert run.info.status == "FAILED" and run.data.tags["metadist.status"] == "diverged"
 
 
 def test_more_ranks_than_the_cluster_holds_is_one_error_at_once(local_ray, tmp_path):
