@@ -14,7 +14,8 @@ Per outer step, for P float32 values and W workers:
 
       T_ar(W, P) = hops(W) * hop + 2 (W - 1) / W * value * P.
 
-Measured on one node, the two are fitted from W = 1 and 2 (driver) and W = 2 (all-reduce). `project`
+Measured on one node, the driver path is fitted from its W = 1 step and the driver's serial work per
+worker, measured on its own (the W = 2 step checks the fit), and the all-reduce from W = 2. `project`
 extends them to many GPUs with the network and NCCL figures of `Cluster`, which are assumptions that the
 caller states as such, not measurements.
 """
@@ -55,14 +56,18 @@ class DriverCost:
     worker_value: float
 
     @classmethod
-    def fit(cls, one: dict[int, float], two: dict[int, float]) -> "DriverCost":
-        """From step costs at W = 1 and W = 2, each {P: seconds}: a line in P per W, and the W = 2 line
-        minus the W = 1 line is the per-worker part (clamped at 0: noise at W = 2 can undercut W = 1)."""
-        c1, d1 = fit_line(list(one), list(one.values()))
-        c2, d2 = fit_line(list(two), list(two.values()))
-        worker, worker_value = max(c2 - c1, 0.0), max(d2 - d1, 0.0)
-        return cls(fixed=max(c1 - worker, 0.0), fixed_value=max(d1 - worker_value, 0.0), worker=worker,
-                   worker_value=worker_value)
+    def fit(cls, one: dict[int, float], serial: dict[int, float]) -> "DriverCost":
+        """From the step cost at W = 1 and the driver's serial cost per worker (submitting the call,
+        receiving the result, adding it), each {P: seconds}: a line in P for each. The rest of the W = 1
+        step (the put, one worker's side of the round trip) is the fixed part: workers on cores of their
+        own do theirs in parallel."""
+        ws, wv = fit_line(list(serial), list(serial.values()))
+        base = {p: max(t - (ws + wv * p), 0.0) for p, t in one.items()}
+        if all(t > 0 for t in base.values()):
+            fs, fv = fit_line(list(base), list(base.values()))
+        else:  # the serial part is all of some W = 1 step: no fixed part left to fit
+            fs, fv = 0.0, 0.0
+        return cls(fixed=fs, fixed_value=fv, worker=ws, worker_value=wv)
 
     def __call__(self, workers: int, params: float) -> float:
         return self.fixed + self.fixed_value * params + workers * (self.worker + self.worker_value * params)
@@ -95,13 +100,13 @@ class RingCost:
 
 
 def crossover_params(driver: DriverCost, ring: RingCost, workers: int) -> float | None:
-    """The P above which the all-reduce is the cheaper path at `workers`: 0.0 if it is cheaper at every P,
-    None if no such P exists (the driver reduce is as cheap or cheaper for large P)."""
+    """The P >= 0 at which both paths cost the same at `workers` (None if they never do); which one is the
+    cheaper below it shows at P = 0."""
     a = driver(workers, 0) - ring(workers, 0)  # the driver path's extra cost at P = 0
     b = (driver(workers, 1) - driver(workers, 0)) - (ring(workers, 1) - ring(workers, 0))  # ... per value
-    if b <= 0:
+    if b == 0 or -a / b < 0:
         return None
-    return 0.0 if a >= 0 else -a / b
+    return -a / b
 
 
 def crossover_workers(driver, ring, params: float, max_workers: int = 4096) -> int | None:

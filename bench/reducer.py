@@ -264,13 +264,34 @@ def driver_reduce(echos, flat: torch.Tensor, numpy: bool) -> float:
     return time.perf_counter() - start
 
 
+def driver_serial(echos, flat: torch.Tensor, numpy: bool, results: int = 8) -> float:
+    """The driver's own work per worker, which grows with W wherever the workers run: submitting the call,
+    then (once every result is in the object store) receiving it and adding it; per result, of `results`."""
+    ref = ray.put(flat.numpy() if numpy else flat)
+    start = time.perf_counter()
+    refs = [(echos[i % len(echos)].call_np if numpy else echos[i % len(echos)].call).remote(ref)
+            for i in range(results)]
+    submit = time.perf_counter() - start
+    ray.wait(refs, num_returns=len(refs))
+    start = time.perf_counter()
+    outs = ray.get(refs)
+    if numpy:
+        total = readonly_view(outs[0]).clone()
+        for out in outs[1:]:
+            total.add_(readonly_view(out))
+    else:
+        total = outs[0]
+        for out in outs[1:]:
+            total.add_(out)
+    return (submit + time.perf_counter() - start) / results
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-TRANSPORTS = ("torch W=1", "torch W=2", "numpy W=1", "numpy W=2", "all-reduce W=2")
 
 
 def bench_transports(sizes: list[int], repeats: int, log) -> list[dict]:
@@ -293,6 +314,8 @@ def bench_transports(sizes: list[int], repeats: int, log) -> list[dict]:
                 "numpy W=1": lambda: driver_reduce(echos[:1], flat, numpy=True),
                 "numpy W=2": lambda: driver_reduce(echos, flat, numpy=True),
                 "all-reduce W=2": lambda: max(ray.get([q.all_reduce.remote(p) for q in peers])),
+                "torch serial": lambda: driver_serial(echos, flat, numpy=False),
+                "numpy serial": lambda: driver_serial(echos, flat, numpy=True),
             }
             for fn in runs.values():  # one untimed call each: the buffers and the store's pages
                 fn()
@@ -321,85 +344,96 @@ def short(p: float) -> str:
 def print_steps(res: dict) -> dict:
     med, b = res["median"], res["share"]
     local = med["local"]["step_s"]
-    print(f"\n### The step: {res['config']}, {b} tasks per worker, median of {res['steps']} interleaved steps\n")
-    print("| path | workers | tasks per step | step (s) | slowest worker's compute (s) | communication (ms) | "
-          "tasks/s | scaling efficiency |\n|---|---|---|---|---|---|---|---|")
-    names = {"local": "in-process (local)", "ray W=1": "driver reduce (ray), numpy",
-             "ray W=2": "driver reduce (ray), numpy", "collective W=2": "all-reduce (collective), gloo"}
+    print(f"\n### The step: {res['config']}, {b} tasks per worker, medians of {res['steps']} interleaved steps\n")
+    print("| path | W | tasks per step | step (s) | slowest worker's compute (s) | communication (ms) | tasks/s | "
+          "scaling efficiency | of which: compute (the cores) | of which: step in compute (the reducer) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+    names = {"local": "in-process (`local`)", "ray W=1": "driver reduce (`ray`), numpy",
+             "ray W=2": "driver reduce (`ray`), numpy", "collective W=2": "all-reduce (`collective`), gloo"}
     eff = {}
     for k in PATHS:
         w = 2 if k.endswith("W=2") else 1
         m = med[k]
         eff[k] = scaling_efficiency(local, m["step_s"])
-        note = "-" if k == "local" else (f"{100 * eff[k]:.0f}%" if w == 2 else
-                                         f"overhead {100 * (m['step_s'] / local - 1):+.1f}%")
+        if k == "local":
+            note = "- | - | -"
+        elif w == 1:
+            note = f"overhead {100 * (m['step_s'] / local - 1):+.1f}% | - | -"
+        else:  # T_local / T_W = (C_local / C_W) (C_W / T_W), as T_local is all compute
+            note = (f"{100 * eff[k]:.0f}% | {100 * med['local']['compute_s'] / m['compute_s']:.0f}% | "
+                    f"{100 * m['compute_s'] / m['step_s']:.1f}%")
         print(f"| {names[k]} | {w} | {b * w} | {m['step_s']:.3f} | {m['compute_s']:.3f} | {ms(m['comm_s'])} | "
               f"{b * w / m['step_s']:.2f} | {note} |")
     s = res["start_s"]
-    print(f"\nStart: the ray executor's W=2 workers {s['ray W=2']:.1f} s; the collective group "
-          f"{s['collective W=2']:.1f} s (until its first step began).")
+    print(f"\nStart: the `ray` executor's 2 workers {s['ray W=2']:.1f} s; the `collective` group "
+          f"{s['collective W=2']:.1f} s (from `fit` until its first step began).")
     return eff
 
 
 def print_transports(rows: list[dict]) -> None:
-    print("\n### Communication alone, medians (ms per step; interleaved)\n")
-    print("| params P | MB | driver, torch W=1 | driver, torch W=2 | driver, numpy W=1 | driver, numpy W=2 | "
-          "all-reduce W=2 | torch / numpy (W=2) | all-reduce / torch | all-reduce / numpy |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+    print("\n### Communication alone, W = 2 (medians, ms per step, interleaved)\n")
+    print("| params P | MB | driver, torch | driver, numpy | all-reduce (gloo) | torch / numpy | "
+          "all-reduce / torch | all-reduce / numpy | driver W=1: torch / numpy | driver's serial part per worker: "
+          "torch / numpy |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ar, t2, n2 = r["all-reduce W=2"], r["torch W=2"], r["numpy W=2"]
-        print(f"| {r['params']:,} | {4 * r['params'] / 1e6:.2f} | {ms(r['torch W=1'])} | {ms(t2)} | "
-              f"{ms(r['numpy W=1'])} | {ms(n2)} | {ms(ar)} | {t2 / n2:.1f}x | {ar / t2:.2f} | {ar / n2:.2f} |")
+        print(f"| {r['params']:,} | {4 * r['params'] / 1e6:.2f} | {ms(t2)} | {ms(n2)} | {ms(ar)} | {t2 / n2:.1f}x | "
+              f"{ar / t2:.2f} | {ar / n2:.2f} | {ms(r['torch W=1'])} / {ms(r['numpy W=1'])} | "
+              f"{ms(r['torch serial'])} / {ms(r['numpy serial'])} |")
 
 
 def fit_models(rows: list[dict]) -> dict:
     fits = {kind: DriverCost.fit({r["params"]: r[f"{kind} W=1"] for r in rows},
-                                 {r["params"]: r[f"{kind} W=2"] for r in rows}) for kind in ("torch", "numpy")}
+                                 {r["params"]: r[f"{kind} serial"] for r in rows}) for kind in ("torch", "numpy")}
     fits["gloo"] = RingCost.fit({r["params"]: r["all-reduce W=2"] for r in rows})
     return fits
 
 
-def print_model(fits: dict, start: dict | None, cl: Cluster, sizes: list[int]) -> None:
+def print_model(fits: dict, rows: list[dict], start: dict | None, cl: Cluster) -> None:
+    sizes = [r["params"] for r in rows]
     print("\n### Cost model fitted to the table above (least squares on relative errors)\n")
-    print("| path | fixed per step | fixed per MB | per worker | per worker per MB |\n|---|---|---|---|---|")
+    print("T_drv(W, P) = fixed + W x per worker (the driver's serial part); T_ar(W, P) = 2(W-1) hops + "
+          "2(W-1)/W x 4P bytes\n")
+    print("| path | fixed per step | fixed per MB | per worker | per worker per MB | model at W=2 against "
+          "measured (" + ", ".join(short(p) for p in sizes) + ") |\n|---|---|---|---|---|---|")
     for kind in ("torch", "numpy"):
         f = fits[kind]
+        check = ", ".join(f"{ms(f(2, r['params']))}/{ms(r[f'{kind} W=2'])}" for r in rows)
         print(f"| driver reduce, {kind} | {1e3 * f.fixed:.2f} ms | {1e3 * f.fixed_value * 2.5e5:.2f} ms | "
-              f"{1e3 * f.worker:.2f} ms | {1e3 * f.worker_value * 2.5e5:.2f} ms |")
+              f"{1e3 * f.worker:.2f} ms | {1e3 * f.worker_value * 2.5e5:.2f} ms | {check} |")
     g = fits["gloo"]
-    print(f"| all-reduce, gloo (ring: 2(W-1) hops, 2(W-1)/W x 4P bytes) | {1e3 * g.hop:.3f} ms per hop | "
-          f"{1e3 * g.value * 2.5e5:.2f} ms (at W=2) | - | - |")
-    print("\nCrossover on this machine (one node; the gloo ring extended to W processes as if each had its "
-          "own core):")
+    print(f"| all-reduce, gloo | {1e3 * g.hop:.2f} ms per hop | {1e3 * g.value * 2.5e5:.2f} ms per MB per rank "
+          f"| - | - | " + ", ".join(f"{ms(g(2, r['params']))}/{ms(r['all-reduce W=2'])}" for r in rows) + " |")
+    print("\nCrossover, this machine's fitted costs:")
     for kind in ("torch", "numpy"):
         f = fits[kind]
-        p_star = crossover_params(f, g, 2)
-        where = ("at every P" if p_star == 0 else "at no P" if p_star is None else f"above P = {p_star:,.0f}")
+        p_star, ring_first = crossover_params(f, g, 2), g(2, 0) < f(2, 0)
+        where = (("at every P" if ring_first else "at no P") if p_star is None else
+                 f"{'below' if ring_first else 'above'} P = {p_star:,.0f}")
         ws = [crossover_workers(f, g, p) for p in sizes]
-        print(f"- all-reduce vs driver reduce ({kind}): cheaper at W=2 {where}; smallest W where it is "
-              f"cheaper: " + ", ".join(f"{short(p)}: {w}" for p, w in zip(sizes, ws)))
+        print(f"- gloo all-reduce against the {kind} driver reduce: cheaper at W=2 {where}; the smallest W where "
+              f"it is cheaper: " + ", ".join(f"{w} ({short(p)})" for p, w in zip(sizes, ws)))
     if start is not None:
         extra = start["collective W=2"] - start["ray W=2"]
-        print(f"- per run, with the group's extra start of {extra:.1f} s: the collective path pays back after "
-              + ", ".join(f"{payback_steps(extra, fits['numpy'](2, p) - g(2, p)):,.0f}" for p in sizes)
-              + f" steps at W=2 ({', '.join(short(p) for p in sizes)}) against the numpy driver path")
+        print(f"- per run: the group starts {extra:.1f} s later than the workers, which the all-reduce pays back "
+              f"after " + ", ".join(f"{payback_steps(extra, r['numpy W=2'] - r['all-reduce W=2']):,.0f} ({short(r['params'])})"
+                                    for r in rows) + " steps at W=2 against the numpy driver reduce")
 
-    print(f"\n### Projection (ms per step): the driver path as fitted here plus ASSUMED hardware: "
-          f"{cl.gpus_per_node} GPUs per node, driver NIC {cl.nic_gbps:g} Gb/s, PCIe {cl.pcie_gbytes_s:g} GB/s, "
-          f"NCCL bus bandwidth {cl.nvlink_gbytes_s:g} GB/s in a node and {cl.network_gbytes_s:g} GB/s across "
-          f"nodes, {1e6 * cl.hop_s:g} us per NCCL step, {'2 log2 W (tree)' if cl.tree else '2(W-1) (ring)'} "
-          f"steps\n")
-    print("| params P | GPUs | driver, torch | driver, numpy | all-reduce (NCCL) | driver numpy / all-reduce | "
-          "compute per worker for 90% efficiency, numpy / all-reduce |\n|---|---|---|---|---|---|---|")
+    print(f"\n### Projection (ms per step): the driver's costs as fitted here, plus ASSUMED hardware (not measured): "
+          f"{cl.gpus_per_node} GPUs per node, driver NIC {cl.nic_gbps:g} Gb/s, PCIe {cl.pcie_gbytes_s:g} GB/s, NCCL "
+          f"bus bandwidth {cl.nvlink_gbytes_s:g} GB/s in a node and {cl.network_gbytes_s:g} GB/s across nodes, "
+          f"{1e6 * cl.hop_s:g} us per NCCL step, {'2 log2 W (tree)' if cl.tree else '2(W-1) (ring)'} steps\n")
+    print("| params P | GPUs | driver, torch | driver, numpy | all-reduce (NCCL) | compute per worker for 90% "
+          "efficiency: numpy driver / all-reduce |\n|---|---|---|---|---|---|")
     for p in sizes:
         for w in (8, 64, 256):
             t_drv, ring = project(fits["torch"], cl, w, p)
             n_drv, _ = project(fits["numpy"], cl, w, p)
-            print(f"| {short(p)} | {w} | {ms(t_drv)} | {ms(n_drv)} | {1e3 * ring:.2f} | {n_drv / ring:.0f}x | "
-                  f"{ms(9 * n_drv)} / {1e3 * 9 * ring:.2f} |")
+            print(f"| {short(p)} | {w} | {ms(t_drv)} | {ms(n_drv)} | {1e3 * ring:.2f} | {ms(9 * n_drv)} / "
+                  f"{1e3 * 9 * ring:.1f} |")
 
 
-def print_goals(eff: dict | None, rows: list[dict], config: str = "conv4") -> None:
+def print_goals(eff: dict | None, rows: list[dict], config: str) -> None:
     by = {r["params"]: r for r in rows}
     print("\n### Goals (ratios within this run)\n\n| goal | measured | met |\n|---|---|---|")
     if eff is not None:
@@ -409,13 +443,12 @@ def print_goals(eff: dict | None, rows: list[dict], config: str = "conv4") -> No
     if RESNET12 in by:
         r = by[RESNET12]
         q = r["all-reduce W=2"] / r["torch W=2"]
-        print(f"| 12.4M: all-reduce <= 1/3 of the torch-tensor driver path | {q:.2f} | {'yes' if q <= 1 / 3 else 'no'} |")
-        q = r["all-reduce W=2"] / r["numpy W=2"]
-        print(f"| 12.4M: all-reduce against the numpy driver path (for reference) | {q:.2f} | - |")
+        print(f"| 12.4M: all-reduce <= 1/3 of the torch-tensor driver reduce | {q:.2f} | "
+              f"{'yes' if q <= 1 / 3 else 'no'} |")
     for p in sorted(by):
         if p >= 4_000_000:
             x = by[p]["torch W=2"] / by[p]["numpy W=2"]
-            print(f"| {short(p)}: numpy driver path >= 3x faster than torch tensors | {x:.1f}x | "
+            print(f"| {short(p)}: numpy driver reduce >= 3x faster than torch tensors | {x:.1f}x | "
                   f"{'yes' if x >= 3 else 'no'} |")
 
 
@@ -446,6 +479,7 @@ def main(argv=None) -> None:
     # each (they take turns: one path computes at a time). The
     # dashboard is on because Ray Train's placement-group cleaner needs its state API.
     cluster.connect(None, num_cpus=2, object_store_mb=args.store_mb, dashboard=True, log_to_driver=False)
+    torch.set_num_threads(1)  # the driver's sums, as the Trainer of part 1 leaves it (runtime.threads=1)
     began = time.perf_counter()
     try:
         steps = rows = None
@@ -464,7 +498,7 @@ def main(argv=None) -> None:
     if rows:
         print_transports(rows)
         if len(rows) >= 2:
-            print_model(fit_models(rows), steps["start_s"] if steps else None, Cluster(), sizes)
+            print_model(fit_models(rows), rows, steps["start_s"] if steps else None, Cluster())
         print_goals(eff, rows, args.config)
     elif eff:
         print_goals(eff, [], args.config)
