@@ -31,11 +31,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -58,8 +61,8 @@ from metadist.runtime.ray_executor import check_resources, connect_for
 
 Tensors = dict[str, torch.Tensor]
 
-START, SUMMARY, ERROR, RUN_ID, STARTS, RANKS = ("start.pt", "summary.json", "error.json", "mlflow_run_id",
-                                               "group_starts", "ranks.json")
+START, SUMMARY, ERROR, RUN_ID, STARTS, RANKS, PROGRESS = (
+    "start.pt", "summary.json", "error.json", "mlflow_run_id", "group_starts", "ranks.json", "progress.json")
 # The user errors a rank may end the group with, raised again in the driver under their own type.
 _ERRORS = {cls.__name__: cls for cls in (TrainingDiverged, ConfigError, CheckpointError, ClusterError, DataError)}
 
@@ -156,7 +159,7 @@ class CollectiveExecutor:
 # -- in each rank ---------------------------------------------------------------------------------------
 def rank_main(config: dict) -> None:
     """The function every Ray Train rank runs: the outer loop on this rank's share of each step."""
-    from metadist.runtime.driver import Trainer, drop_records_after
+    from metadist.runtime.driver import Callback, Every, Trainer, drop_records_after
 
     for name in ("ray.train", "ray.tune"):  # a line per report and checkpoint would drown the run's output
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -190,6 +193,8 @@ def rank_main(config: dict) -> None:
     trainer.main = main
     trainer.tracked = config["tracking"] is not None  # every rank evaluates the baseline rank 0 records
     trainer.executor = executor
+    if main:
+        trainer.callbacks.append(Callback(Every(1), _write_progress))
     trainer.callbacks.extend(config["callbacks"])
     if main:  # which process is which rank, for `ray status`, for a debugger, for a test's fault
         (run_dir / RANKS).write_text(json.dumps(executor.infos, indent=2))
@@ -221,6 +226,39 @@ def rank_main(config: dict) -> None:
         (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
 
 
+def _write_progress(trainer) -> None:
+    # Rank 0's step and meta-loss, for the driver's progress bar: a small file replaced each step (tens
+    # of microseconds), since the driver has no other view into the loop between checkpoints.
+    tmp = trainer.run_dir / f".{PROGRESS}"
+    tmp.write_text(json.dumps({"step": trainer.step, "loss": trainer.last_loss}))
+    os.replace(tmp, trainer.run_dir / PROGRESS)
+
+
+@contextmanager
+def _follow(trainer, enabled: bool):
+    """The driver's progress bar while the group runs: a thread reads rank 0's progress file twice a
+    second (fit() blocks this thread; Ctrl-C still reaches Ray Train's handler in it)."""
+    path, stop = trainer.run_dir / PROGRESS, threading.Event()
+    with trainer._progress(enabled) as bar:
+        task = bar.add_task("meta-train", total=trainer.cfg.train.steps, completed=trainer.step, loss=math.nan)
+
+        def follow():
+            while not stop.wait(0.5):
+                try:
+                    now = json.loads(path.read_text())
+                except (FileNotFoundError, ValueError):
+                    continue
+                bar.update(task, completed=now["step"], loss=now["loss"])
+
+        thread = threading.Thread(target=follow, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+
 def param_digest(params: Tensors) -> str:
     """A SHA-256 of the parameters' bytes, in name order: equal digests mean bitwise-equal parameters."""
     h = hashlib.sha256()
@@ -242,14 +280,14 @@ def _count_start(run_dir: Path, step: int) -> int:
 # -- in the driver --------------------------------------------------------------------------------------
 def fit(trainer, progress: bool = True, callbacks: tuple = ()) -> dict:
     """Run `trainer`'s run on a Ray Train group and bring its result back into `trainer`: the final
-    parameters, optimizer and history from rank 0's checkpoint, and the summary rank 0 wrote. There is
-    no progress bar yet (`progress` is accepted for the common signature): the ranks run the loop.
+    parameters, optimizer and history from rank 0's checkpoint, and the summary rank 0 wrote. With
+    `progress`, a bar follows rank 0's steps.
     `callbacks`: Ray Train callbacks for the group (a sweep trial's report to Tune)."""
     from metadist.runtime.driver import read_history
 
     cfg, run_dir = trainer.cfg, trainer.run_dir
     rt = cfg.runtime
-    for name in (START, SUMMARY, ERROR, STARTS, RANKS):
+    for name in (START, SUMMARY, ERROR, STARTS, RANKS, PROGRESS):
         (run_dir / name).unlink(missing_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     save_checkpoint(run_dir / START, trainer.state())
@@ -285,7 +323,8 @@ def fit(trainer, progress: bool = True, callbacks: tuple = ()) -> dict:
         trainer.console.log(f"collective: {rt.workers} rank(s), all-reduce over "
                             f"{'nccl' if gpu else 'gloo'}")
         try:
-            group.fit()
+            with _follow(trainer, progress):
+                group.fit()
         except (ray.train.TrainingFailedError, ray.train.ControllerError) as err:
             _raise_user_error(run_dir)
             if tracker is not None and (run_dir / RUN_ID).exists():

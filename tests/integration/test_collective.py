@@ -57,6 +57,8 @@ def test_two_ranks_match_the_local_executor_and_record_the_run(two_ranks, local_
     assert rt["executor"] == "collective" and rt["workers"] == 2 and rt["worker_restarts"] == 0
     digests = rt["param_digests"]
     assert len(digests) == 2 and len(set(digests)) == 1  # the ranks' parameters are bitwise identical
+    # Rank 0's last step, as the driver's progress bar last read it.
+    assert json.loads((trainer.run_dir / "progress.json").read_text())["step"] == 30
 
     # Rank 0 recorded the run; the driver knows where it is.
     run = MlflowClient(mlflow_store).get_run(trainer.tracker.run_id)
