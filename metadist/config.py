@@ -204,11 +204,21 @@ class TrackingConfig:
 class DataConfig:
     path: Optional[str] = None
     """Dataset directory or fsspec URL with shards and manifest.parquet (fewshot tasks)."""
+    access: Literal["auto", "index", "stream"] = "auto"
+    """How training episodes reach the images. `index`: each task's classes and images are drawn from the
+    whole train split by tar offset, a pure function of (seed, step, task index), so the episodes do not
+    depend on the worker count and a replaced worker recomputes the same tasks (local shards are
+    memory-mapped and shared through the page cache; remote ones are held in each worker's memory).
+    `stream`: each worker reads only its own shards (shard i to worker i mod W) through per-class
+    buffers, so it sees about 1/W of every class and the episodes depend on W; for datasets larger than a
+    node's disk or memory. `auto`: `index` for a local data.path, a decoded cache, or remote train shards
+    of at most 2 GiB in all; `stream` otherwise."""
     buffer_per_class: PositiveInt = 64
-    """Encoded images kept per class by each worker's streaming sampler (bounds its memory)."""
-    cache: Literal["stream", "decoded"] = "stream"
-    """`stream` shards through bounded buffers, or `decoded`: decode the worker's shards once and sample
-    by index (for datasets that fit in a worker's memory)."""
+    """Encoded images kept per class by each worker's streaming sampler (bounds its memory; `stream` only)."""
+    cache: Literal["encoded", "decoded"] = "encoded"
+    """`encoded`: images are decoded each time they are drawn. `decoded`: each train image is decoded
+    once, on first use, and kept as uint8 (C·H·W bytes per image: 0.8 GB for mini-ImageNet's train
+    split), for GPUs that adapt faster than a core decodes; needs data.access `index` or `auto`."""
     verify: Literal["none", "size", "hash"] = "size"
     """Check shards against the manifest at start-up: `size` (cheap), `hash` (reads everything) or `none`."""
 
@@ -251,6 +261,9 @@ class Config:
             (self.runtime.gpus_per_worker > 0 and self.runtime.device == "cpu", "runtime.device",
              "'cpu' with runtime.gpus_per_worker > 0 reserves GPUs the workers would not use; "
              "allowed then: 'cuda' or 'auto'"),
+            (self.data.cache == "decoded" and self.data.access == "stream", "data.cache",
+             "'decoded' keeps the whole train split decoded, which data.access 'stream' is there to avoid; "
+             "allowed with 'stream': 'encoded' (or set data.access: index)"),
             (self.runtime.executor == "collective" and self.runtime.workers > self.train.meta_batch,
              "runtime.workers", f"{self.runtime.workers} ranks for a meta-batch of {self.train.meta_batch} "
              f"tasks would leave ranks without a task; allowed: 1 to train.meta_batch"),

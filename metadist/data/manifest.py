@@ -1,12 +1,21 @@
-"""The Parquet manifest of a dataset directory, and random access to its images by tar offset."""
+"""The Parquet manifest of a dataset directory, and random access to its images by tar offset.
+
+A local shard is memory-mapped once and sliced by offset: the OS page cache holds it, once per node for
+all the workers there, and a read is a slice, not an open and a seek. A remote shard (an fsspec URL) is
+read whole on first use and kept in the process's memory.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import mmap
+import os
+from collections import OrderedDict
 from functools import cached_property
 from pathlib import Path
 
 import fsspec
+import fsspec.implementations.local
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -33,9 +42,27 @@ class Manifest:
         self.channels = int(meta[b"channels"])
         self.samples = {k: np.asarray(table.column(k).to_pylist()) for k in table.column_names}
         self.shards = {k: shards.column(k).to_pylist() for k in shards.column_names}
+        self.fs, self._path = fsspec.core.url_to_fs(self.root)
+        self.local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
+        # Per row: the shard's index in self.shards, and the byte range, as plain arrays for fast reads.
+        names, inverse = np.unique(self.samples["shard"], return_inverse=True)
+        position = {name: i for i, name in enumerate(self.shards["shard"])}
+        self.shard_index = np.asarray([position.get(n, -1) for n in names.tolist()], dtype=np.int64)[inverse]
+        if (self.shard_index < 0).any():
+            raise DataError(f"{self.root}/manifest.parquet lists samples in shards that shards.parquet does not "
+                            f"have; write the manifest again (`metadist data convert`)")
+        self.offset = self.samples["offset"].astype(np.int64)
+        self.size = self.samples["size"].astype(np.int64)
+        self._end = np.zeros(len(self.shards["shard"]), dtype=np.int64)  # each shard's last sample's end
+        np.maximum.at(self._end, self.shard_index, self.offset + self.size)
+        self._buffers: OrderedDict[int, object] = OrderedDict()
 
     def url(self, shard: str) -> str:
         return f"{self.root}/{shard}"
+
+    def split_bytes(self, split: str) -> int:
+        """Total size of `split`'s shard files, from shards.parquet (no file is opened)."""
+        return int(sum(b for b, sp in zip(self.shards["bytes"], self.shards["split"]) if sp == split))
 
     def split_shards(self, split: str) -> list[str]:
         return [s for s, sp in zip(self.shards["shard"], self.shards["split"]) if sp == split]
@@ -80,14 +107,45 @@ class Manifest:
                 if h.hexdigest() != digest:
                     raise DataError(f"shard {url}: content hash differs from the manifest's; the shard changed")
 
-    def read(self, rows: np.ndarray) -> list[bytes]:
-        """The stored image bytes of manifest rows, read by offset (one open per shard)."""
-        out: list[bytes | None] = [None] * len(rows)
-        shards = self.samples["shard"][rows]
-        for shard in np.unique(shards):
-            with fsspec.open(self.url(shard), "rb") as fh:
-                for i in np.flatnonzero(shards == shard):
-                    r = rows[i]
-                    fh.seek(int(self.samples["offset"][r]))
-                    out[i] = fh.read(int(self.samples["size"][r]))
+    def read(self, rows: np.ndarray, keep: bool = True) -> list[bytes]:
+        """The stored image bytes of manifest rows, sliced by tar offset out of each shard's buffer. With
+        keep=False a remote shard is not kept after this call (a stream that moves on)."""
+        shard_index = self.shard_index[rows].tolist()
+        offset, size = self.offset[rows].tolist(), self.size[rows].tolist()
+        out, current, buf = [], -1, None
+        for s, o, n in zip(shard_index, offset, size):
+            if s != current:
+                current, buf = s, self.buffer(s, keep)
+            out.append(buf[o:o + n])
         return out
+
+    def buffer(self, index: int, keep: bool = True):
+        """Shard `index` (of self.shards) as a bytes-like object: memory-mapped if local, else read whole.
+        At most _OPEN local maps are held (each holds a file descriptor)."""
+        buf = self._buffers.get(index)
+        if buf is not None:
+            self._buffers.move_to_end(index)
+            return buf
+        name = self.shards["shard"][index]
+        url = self.url(name)
+        try:
+            if self.local:
+                with open(f"{self._path}/{name}", "rb") as fh:
+                    size = os.fstat(fh.fileno()).st_size
+                    buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            else:
+                buf = self.fs.cat_file(url)
+        except FileNotFoundError:
+            raise DataError(f"shard {url} is listed in the manifest but missing") from None
+        end = int(self._end[index])
+        if len(buf) < end:
+            raise DataError(f"shard {url} has {len(buf)} bytes but the manifest has samples up to byte {end}: "
+                            f"truncated or changed; check it with `metadist data verify`")
+        if keep or self.local:
+            self._buffers[index] = buf
+            while self.local and len(self._buffers) > _OPEN:
+                self._buffers.popitem(last=False)[1].close()
+        return buf
+
+
+_OPEN = 256  # local shards mapped at once: well under the usual limit of 1024 open files

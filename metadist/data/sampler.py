@@ -1,18 +1,29 @@
-"""Episodes from shards: a bounded-memory streaming sampler for training, random access for evaluation.
+"""Episodes from shards: training episodes by index or streamed, evaluation episodes by index.
 
-Training (`StreamingEpisodes`): each worker streams its own disjoint subset of a split's shards (shard i
-goes to worker i mod W), keeps the last `buffer_per_class` encoded images of every class, and draws an
-N-way K-shot + Q-query episode from classes that have at least K + Q buffered. Labels are remapped to
-0..N-1 per episode. After each episode it reads N·(K+Q) more samples, so the buffers keep turning over;
-a new pass over the shards (in a new order) starts with empty buffers.
-Memory is bounded by the buffers (encoded bytes, decoded only when drawn), not by the dataset.
-Its position (epoch, samples consumed, RNG state) is small and restorable: a resumed or replaced worker
-re-reads the epoch up to that point without decoding and continues the same stream.
+Training episodes reach the images in one of two ways (`data.access`):
 
-`data.cache: decoded` instead decodes the worker's shards once into memory and samples by index.
+- `index` (`IndexEpisodes`): task t of outer step s draws its classes and images from the whole train
+  split through the manifest's tar offsets, as a pure function of (seed, s, t), exactly as evaluation
+  episodes are drawn. Any worker can draw any task, so the episodes do not depend on the worker count
+  and a replaced worker recomputes the same tasks; there is no position to save. Local shards are
+  memory-mapped (the node's page cache holds them once, for all its workers); remote shards are read
+  into each worker's memory. `data.cache: decoded` also keeps each image decoded after its first use.
+- `stream` (`StreamingEpisodes`), for datasets larger than a node's disk or memory: each worker reads its
+  own disjoint subset of the split's shards (shard i to worker i mod W) in sequence, keeps the last
+  `buffer_per_class` encoded images of every class, and draws an N-way K-shot + Q-query episode from the
+  classes that have at least K + Q buffered. After each episode it reads N·(K+Q) more samples, so the
+  buffers keep turning over; a new pass over the shards (in a new order) starts with empty buffers.
+  A worker therefore sees about 1/W of every class, and which episodes it draws depends on W. Memory is
+  bounded by the buffers (encoded bytes) and one shard. Its position (epoch, samples consumed, RNG
+  state) is small and restorable: a resumed or replaced worker continues the same stream.
+  `stream_shortfall` checks before training that every worker's shards can form an episode.
 
-Evaluation (`fixed_episodes`): a fixed list drawn from (seed, split) through the manifest's tar offsets,
-so every run and algorithm is scored on the same episodes.
+Both read an image's bytes by its manifest offset (no tar parsing; no member other than the image is
+ever read), decode a meta-batch into one preallocated uint8 array and turn it into float tensors in one
+pass per tensor: per image, only the decode itself is left in Python's hands.
+
+Evaluation (`fixed_episodes`): a fixed list drawn by index from (seed, split), so every run and algorithm
+is scored on the same episodes.
 """
 
 from __future__ import annotations
@@ -21,123 +32,254 @@ from collections import deque
 
 import numpy as np
 import torch
-import webdataset as wds
 
-from metadist.data.format import DataError, check_members, decode_cls, decode_image
-from metadist.data.manifest import Manifest
 from metadist.config import SPLITS
+from metadist.data.format import DataError, decode_into, pil_formats, pixel_batch
+from metadist.data.manifest import Manifest
 from metadist.episode import Episode, episode_range
 
-
-def _to_float(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).float().div_(255.0)
-
-
-def _episode_from(images_by_class: list[list[np.ndarray]], shots: int) -> tuple:
-    xs, ys, xq, yq = [], [], [], []
-    for label, imgs in enumerate(images_by_class):
-        xs += imgs[:shots]
-        xq += imgs[shots:]
-        ys += [label] * shots
-        yq += [label] * (len(imgs) - shots)
-    return (_to_float(np.stack(xs)), torch.tensor(ys), _to_float(np.stack(xq)), torch.tensor(yq))
+ACCESS = ("auto", "index", "stream")
+INDEX_AUTO_BYTES = 2 * 1024 ** 3
+"""`auto` draws remote datasets by index when their train shards total at most this (each worker then
+holds them in memory); local datasets always (the page cache holds them, or they are read from disk)."""
+# The last seed word of a draw: training and evaluation draws can never coincide.
+_TRAIN_TAG, _EVAL_TAG = 13, 11
 
 
-def _stack(parts: list[tuple]) -> Episode:
-    return Episode(*(torch.stack([p[i] for p in parts]) for i in range(4)))
+def resolve_access(access: str, cache: str, manifest: Manifest, split: str = "train") -> str:
+    """`index` or `stream`: `auto` is `index` for a local dataset, a decoded cache, or a remote split of
+    at most INDEX_AUTO_BYTES; `stream` otherwise."""
+    if access != "auto":
+        return access
+    if cache == "decoded" or manifest.local or manifest.split_bytes(split) <= INDEX_AUTO_BYTES:
+        return "index"
+    return "stream"
+
+
+def _episodes(pixels: np.ndarray, tasks: int, ways: int, need: int, shots: int) -> Episode:
+    """(tasks·ways·need, H, W, C) uint8 pixels in (task, class, image) order -> an Episode whose support
+    set is the first `shots` images of each class; labels are 0..ways-1 in class order."""
+    h, w, c = pixels.shape[1:]
+    t = torch.from_numpy(pixels).view(tasks, ways, need, h, w, c).permute(0, 1, 2, 5, 3, 4)
+
+    def part(x: torch.Tensor, n: int) -> torch.Tensor:
+        # Reordered to (C, H, W) while still uint8 (a quarter of the bytes), then cast and scaled in place,
+        # into memory allocated by numpy, which asks Linux for huge pages: a fresh torch tensor of a
+        # meta-batch's size costs more in page faults than the conversion. Measured alternatives: a cast
+        # inside torch.div(..., out=) runs 4 times slower, a cast that also reorders 1.3 times.
+        out = torch.from_numpy(np.empty((tasks, ways, n, c, h, w), np.float32))
+        return out.copy_(x.contiguous()).div_(255.0).view(tasks, ways * n, c, h, w)
+
+    labels = torch.arange(ways)
+    return Episode(part(t[:, :, :shots], shots), labels.repeat_interleave(shots).repeat(tasks, 1),
+                   part(t[:, :, shots:], need - shots), labels.repeat_interleave(need - shots).repeat(tasks, 1))
+
+
+def draw_rows(rng: np.random.Generator, classes: dict[int, np.ndarray], eligible: np.ndarray, ways: int,
+              need: int) -> np.ndarray:
+    """(ways, need) manifest rows of one episode: `ways` classes of `eligible`, `need` images of each."""
+    chosen = rng.choice(eligible, ways, replace=False)
+    return np.stack([rng.choice(classes[int(c)], need, replace=False) for c in chosen])
+
+
+class Pixels:
+    """Decodes a split's images into uint8 arrays (n, H, W, C); with cache `decoded`, each image once."""
+
+    def __init__(self, manifest: Manifest, split: str, channels: int, size: int, cache: str = "encoded"):
+        self.manifest, self.shape = manifest, (size, size, channels)
+        rows = manifest.rows(split)
+        self.formats = pil_formats(np.unique(manifest.samples["ext"][rows]))
+        self.where = f"{split} shards of {manifest.root}"
+        self._cache = None
+        if cache == "decoded":
+            self._rows = rows
+            self._slot = np.full(len(manifest.offset), -1, dtype=np.int64)
+            self._slot[rows] = np.arange(len(rows))
+            # np.empty commits no memory until an image is decoded into its slot.
+            self._cache = np.empty((len(rows), *self.shape), np.uint8)
+            self._done = np.zeros(len(rows), dtype=bool)
+
+    def decode(self, blobs: list) -> np.ndarray:
+        return decode_into(pixel_batch(len(blobs), self.shape[0], self.shape[2]), blobs, self.where, self.formats)
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """The pixels of manifest rows, in order."""
+        if self._cache is None:
+            return self.decode(self.manifest.read(rows))
+        slots = self._slot[rows]
+        todo = np.unique(slots[~self._done[slots]])
+        if len(todo):
+            self._cache[todo] = self.decode(self.manifest.read(self._rows[todo]))
+            self._done[todo] = True
+        return self._cache[slots]
+
+
+class IndexEpisodes:
+    """Episodes of `split` drawn by tar offset: each a pure function of its seed words."""
+
+    def __init__(self, manifest: Manifest, split: str, *, ways: int, channels: int, size: int, seed: int,
+                 cache: str = "encoded"):
+        self.manifest, self.split, self.ways, self.seed = manifest, split, ways, seed
+        self.classes = manifest.classes(split)
+        self.pixels = Pixels(manifest, split, channels, size, cache)
+        self._eligible: dict[int, np.ndarray] = {}
+
+    def eligible(self, need: int) -> np.ndarray:
+        """The split's classes with at least `need` images (DataError if fewer than `ways`)."""
+        if need not in self._eligible:
+            e = np.asarray(sorted(c for c, rows in self.classes.items() if len(rows) >= need), dtype=np.int64)
+            if len(e) < self.ways:
+                raise DataError(f"{self.manifest.root}: the {self.split} split has {len(e)} classes with at least "
+                                f"{need} images; {self.ways}-way episodes need {self.ways}")
+            self._eligible[need] = e
+        return self._eligible[need]
+
+    def episodes(self, keys: list[list[int]], shots: int, query: int) -> Episode:
+        """One episode per key (its generator's seed words), in order."""
+        need = shots + query
+        eligible = self.eligible(need)
+        rows = np.concatenate([draw_rows(np.random.default_rng(k), self.classes, eligible, self.ways, need).ravel()
+                               for k in keys]) if keys else np.zeros(0, dtype=np.int64)
+        return _episodes(self.pixels.rows(rows), len(keys), self.ways, need, shots)
+
+    def sample(self, step: int, indices, shots: int, query: int) -> Episode:
+        """Training tasks `indices` (indices within the meta-batch) of outer step `step`."""
+        code = SPLITS[self.split]
+        return self.episodes([[self.seed, code, step, int(t), _TRAIN_TAG] for t in indices], shots, query)
+
+    def fixed(self, n: int | range, shots: int, query: int) -> Episode:
+        """The fixed evaluation list (its first n episodes, or those of range n): episode e is a pure
+        function of (seed, split, e)."""
+        code = SPLITS[self.split]
+        return self.episodes([[self.seed, code, e, _EVAL_TAG] for e in episode_range(n)], shots, query)
+
+
+def fixed_episodes(manifest: Manifest, split: str, n: int | range, *, ways: int, shots: int, query: int,
+                   channels: int, size: int, seed: int) -> Episode:
+    """The fixed evaluation list of `split` (its first n episodes, or those of range n): episode e is a
+    pure function of (seed, split, e)."""
+    return IndexEpisodes(manifest, split, ways=ways, channels=channels, size=size, seed=seed).fixed(n, shots, query)
+
+
+def stream_shortfall(manifest: Manifest, split: str, *, ways: int, shots: int, query: int,
+                     buffer_per_class: int, world: int) -> str | None:
+    """Why one of `world` streaming workers could never form an episode (one line naming the numbers and
+    the remedy), or None. Reads the manifest only."""
+    need = shots + query
+    if need > buffer_per_class:
+        return (f"data.buffer_per_class={buffer_per_class} keeps fewer images of a class than an episode takes "
+                f"from it (K + Q = {shots} + {query} = {need}); raise it to at least {need}, or use "
+                f"data.access: index")
+    shards = manifest.split_shards(split)
+    if len(shards) < world:
+        return (f"data.access=stream: {world} workers but {len(shards)} {split} shard(s) in {manifest.root}: "
+                f"worker {len(shards)} would get none; use data.access: index, fewer workers, or smaller shards "
+                f"(--shard-mb)")
+    position = {manifest.shards["shard"].index(s): k for k, s in enumerate(shards)}
+    rows = manifest.rows(split)
+    rank = np.asarray([position[s] for s in manifest.shard_index[rows].tolist()]) % world
+    pairs = rank * (int(manifest.samples["class_id"].max()) + 1) + manifest.samples["class_id"][rows]
+    keys, counts = np.unique(pairs, return_counts=True)
+    enough = np.bincount(keys[counts >= need] // (int(manifest.samples["class_id"].max()) + 1), minlength=world)
+    worst = int(np.argmin(enough))
+    if enough[worst] >= ways:
+        return None
+    return (f"data.access=stream: worker {worst} of {world} reads {len(shards[worst::world])} of the {len(shards)} "
+            f"{split} shards, which hold only {enough[worst]} classes with at least {need} images "
+            f"(K + Q = {shots} + {query}); a {ways}-way episode needs {ways}. Use data.access: index (every "
+            f"worker then draws from the whole split) or fewer workers")
 
 
 class StreamingEpisodes:
     """One worker's stream of training episodes over its shards of `split`."""
 
     def __init__(self, manifest: Manifest, split: str, *, ways: int, channels: int, size: int, seed: int,
-                 rank: int = 0, world: int = 1, buffer_per_class: int = 64, cache: str = "stream"):
+                 rank: int = 0, world: int = 1, buffer_per_class: int = 64):
         shards = manifest.split_shards(split)
         mine = shards[rank::world]
         if not mine:
             raise DataError(f"worker {rank} of {world} gets none of the {len(shards)} {split} shards of "
-                            f"{manifest.root}: use fewer workers or write smaller shards")
-        self.manifest, self.split, self.urls = manifest, split, [manifest.url(s) for s in mine]
-        self.ways, self.channels, self.size = ways, channels, size
-        self.seed, self.rank, self.buffer_per_class, self.cache = seed, rank, buffer_per_class, cache
+                            f"{manifest.root}: use fewer workers, write smaller shards, or use data.access: index")
+        self.manifest, self.split, self.shards = manifest, split, mine
+        self.ways, self.seed, self.rank, self.buffer_per_class = ways, seed, rank, buffer_per_class
+        index = [manifest.shards["shard"].index(s) for s in mine]
+        rows = manifest.rows(split)
+        # Each shard's samples in file order: a pass reads every shard front to back.
+        self._shard_rows = {i: (r := rows[manifest.shard_index[rows] == i])[np.argsort(manifest.offset[r], kind="stable")]
+                            for i in index}
+        self._index = index
+        self._class = manifest.samples["class_id"].astype(np.int64)
+        self.pixels = Pixels(manifest, split, channels, size)
         self.rng = np.random.default_rng([seed, rank, 7])
         self.epoch, self.consumed = 0, 0
         self.buffers: dict[int, deque] = {}
-        self._it = None
-        self._decoded: dict[int, np.ndarray] | None = None
+        self._need, self._ready = 0, set()  # the classes with at least _need images buffered
+        self._seq: np.ndarray | None = None
+        self._held = (-1, b"")  # the shard being read: (its index, its bytes)
 
     # -- the stream -----------------------------------------------------------------------------
-    def _samples(self, epoch: int):
-        order = list(self.urls)
+    def _sequence(self, epoch: int) -> np.ndarray:
+        """The manifest rows of one pass: this worker's shards in a per-epoch order, each front to back."""
+        order = list(self._index)
         np.random.default_rng([self.seed, self.rank, epoch]).shuffle(order)
-        return _read(order)
+        return np.concatenate([self._shard_rows[i] for i in order])
+
+    def _store(self, rows: np.ndarray) -> None:
+        """Append the bytes of `rows` (in stream order) to their classes' buffers."""
+        m, buffers, ready, need = self.manifest, self.buffers, self._ready, self._need
+        held, buf = self._held
+        for s, o, n, c in zip(m.shard_index[rows].tolist(), m.offset[rows].tolist(), m.size[rows].tolist(),
+                              self._class[rows].tolist()):
+            if s != held:
+                held, buf = s, m.buffer(s, keep=False)
+                self._held = (held, buf)
+            b = buffers.get(c)
+            if b is None:
+                b = buffers[c] = deque(maxlen=self.buffer_per_class)
+            b.append(buf[o:o + n])
+            if len(b) == need:
+                ready.add(c)
 
     def _pull(self, n: int) -> None:
-        """Move n samples from the stream into the class buffers (a new epoch starts when it ends)."""
-        for _ in range(n):
-            if self._it is None:
-                self._it = self._samples(self.epoch)
-            try:
-                cls, data = next(self._it)
-            except StopIteration:
+        """Move n samples from the stream into the class buffers (a new pass starts when one ends)."""
+        while n > 0:
+            if self._seq is None:
+                self._seq = self._sequence(self.epoch)
+            rows = self._seq[self.consumed:self.consumed + n]
+            if not len(rows):
                 # A new pass starts with empty buffers, so that the buffers are a function of (epoch,
                 # samples consumed) alone and a restored stream rebuilds them exactly.
-                self.epoch, self.consumed, self._it = self.epoch + 1, 0, None
+                self.epoch, self.consumed, self._seq = self.epoch + 1, 0, None
                 self.buffers.clear()
+                self._ready.clear()
                 continue
-            self.consumed += 1
-            self.buffers.setdefault(cls, deque(maxlen=self.buffer_per_class)).append(data)
-
-    def _eligible(self, need: int) -> list[int]:
-        return sorted(c for c, b in self.buffers.items() if len(b) >= need)
+            self._store(rows)
+            self.consumed += len(rows)
+            n -= len(rows)
 
     def _fill_until(self, need: int) -> list[int]:
+        if need != self._need:  # the classes with `need` buffered, kept up to date by _store
+            self._need, self._ready = need, {c for c, b in self.buffers.items() if len(b) >= need}
         start_epoch = self.epoch
-        while len(eligible := self._eligible(need)) < self.ways:
+        while len(self._ready) < self.ways:
             if self.epoch > start_epoch + 1:
-                raise DataError(f"worker {self.rank}: its {self.split} shards hold only {len(eligible)} classes "
-                                f"with at least {need} images (K + Q); an episode needs {self.ways}")
+                raise DataError(f"worker {self.rank}: its {self.split} shards hold only {len(self._ready)} "
+                                f"classes with at least {need} images (K + Q); an episode needs {self.ways}")
             self._pull(64)
-        return eligible
+        return sorted(self._ready)
 
     # -- episodes -------------------------------------------------------------------------------
     def sample(self, step: int, indices, shots: int, query: int) -> Episode:
         """len(indices) training episodes, the next ones of this worker's stream."""
-        return _stack([self._episode(shots, query) for _ in indices])
-
-    def _episode(self, shots: int, query: int) -> tuple:
         need = shots + query
-        if self.cache == "decoded":
-            return self._episode_decoded(shots, need)
-        eligible = self._fill_until(need)
-        classes = self.rng.choice(eligible, self.ways, replace=False)
-        images = []
-        for c in classes:
-            buf = self.buffers[int(c)]
-            pick = self.rng.choice(len(buf), need, replace=False)
-            images.append([self._decode(buf[i]) for i in pick])
-        self._pull(self.ways * need)  # keep the buffers turning over
-        return _episode_from(images, shots)
-
-    def _decode(self, data: bytes) -> np.ndarray:
-        try:
-            return decode_image(data, self.channels, self.size)
-        except DataError as err:
-            raise DataError(f"{self.split} shards of {self.manifest.root}: {err}") from None
-
-    def _episode_decoded(self, shots: int, need: int) -> tuple:
-        if self._decoded is None:
-            per_class: dict[int, list] = {}
-            for cls, data in _read(self.urls):
-                per_class.setdefault(cls, []).append(self._decode(data))
-            self._decoded = {c: np.stack(v) for c, v in per_class.items()}
-        eligible = sorted(c for c, v in self._decoded.items() if len(v) >= need)
-        if len(eligible) < self.ways:
-            raise DataError(f"worker {self.rank}: only {len(eligible)} classes with at least {need} images")
-        classes = self.rng.choice(eligible, self.ways, replace=False)
-        images = [list(self._decoded[int(c)][self.rng.choice(len(self._decoded[int(c)]), need, replace=False)])
-                  for c in classes]
-        return _episode_from(images, shots)
+        blobs: list = []
+        for _ in indices:
+            eligible = self._fill_until(need)
+            for c in self.rng.choice(eligible, self.ways, replace=False):
+                buf = self.buffers[int(c)]
+                blobs += [buf[i] for i in self.rng.choice(len(buf), need, replace=False).tolist()]
+            self._pull(self.ways * need)  # keep the buffers turning over
+        return _episodes(self.pixels.decode(blobs), len(indices), self.ways, need, shots)
 
     # -- position -------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -145,52 +287,19 @@ class StreamingEpisodes:
                 "rank": self.rank}
 
     def load_state(self, state: dict) -> None:
-        """Continue the stream where `state` was taken: re-read this epoch up to it (no decoding)."""
+        """Continue the stream where `state` was taken: rebuild the buffers from the manifest, reading
+        only the images that are still in them."""
         self.buffers.clear()
-        self.epoch, self.consumed, self._it = state["epoch"], 0, None
-        if self.cache != "decoded":
-            self._it = self._samples(self.epoch)
-            for _ in range(state["consumed"]):
-                cls, data = next(self._it)
-                self.consumed += 1
-                self.buffers.setdefault(cls, deque(maxlen=self.buffer_per_class)).append(data)
+        self._need, self._ready = 0, set()
+        self.epoch, self.consumed, self._seq = state["epoch"], state["consumed"], None
+        self._seq = self._sequence(self.epoch)
+        last: dict[int, deque] = {}
+        done = self._seq[:self.consumed]
+        for i, c in enumerate(self._class[done].tolist()):
+            q = last.get(c)
+            if q is None:
+                q = last[c] = deque(maxlen=self.buffer_per_class)
+            q.append(i)
+        kept = np.sort(np.concatenate([np.asarray(q, dtype=np.int64) for q in last.values()])) if last else []
+        self._store(done[kept])
         self.rng.bit_generator.state = state["rng"]
-
-
-def _read(urls: list[str]):
-    """(class id, image bytes) of every sample of the shards, in order; nothing else is decoded."""
-    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=_named_error))
-    for sample in pipeline:
-        ext = check_members(sample, sample.get("__url__", "shard"))
-        yield decode_cls(sample["cls"]), sample[ext]
-
-
-def _named_error(exn: Exception) -> bool:
-    # webdataset appends the shard URL to the exception's args; name it in one line.
-    if isinstance(exn, DataError):
-        raise exn
-    url = next((a for a in reversed(exn.args) if isinstance(a, str) and ("/" in a or a.endswith(".tar"))), "a shard")
-    raise DataError(f"shard {url} cannot be read ({type(exn).__name__}: {exn.args[0] if exn.args else exn}); "
-                    f"it may be truncated: check it with `metadist data verify`") from None
-
-
-def fixed_episodes(manifest: Manifest, split: str, n: int | range, *, ways: int, shots: int, query: int, channels: int,
-                   size: int, seed: int) -> Episode:
-    """The fixed evaluation list of `split` (its first n episodes, or those of range n): episode e is a
-    pure function of (seed, split, e)."""
-    classes = manifest.classes(split)
-    need = shots + query
-    eligible = sorted(c for c, rows in classes.items() if len(rows) >= need)
-    if len(eligible) < ways:
-        raise DataError(f"{manifest.root}: the {split} split has {len(eligible)} classes with at least {need} "
-                        f"images; {ways}-way episodes need {ways}")
-    parts = []
-    split_code = SPLITS[split]
-    for e in episode_range(n):
-        rng = np.random.default_rng([seed, split_code, e, 11])
-        chosen = rng.choice(eligible, ways, replace=False)
-        rows = [rng.choice(classes[int(c)], need, replace=False) for c in chosen]
-        data = manifest.read(np.concatenate(rows))
-        imgs = [decode_image(d, channels, size) for d in data]
-        parts.append(_episode_from([imgs[i * need:(i + 1) * need] for i in range(ways)], shots))
-    return _stack(parts)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -86,11 +87,14 @@ def render(seed: int, split: str, c: int, i: int, size: int) -> np.ndarray:
     return np.clip(arr, 0, 255).astype(np.uint8)
 
 
-def encode(source: tuple, quality: int = 90) -> tuple[bytes, str]:
-    """(seed, split, class, index, size) -> JPEG bytes, the format mini-ImageNet images come in."""
+def encode(source: tuple, quality: int = 90, fmt: str = "jpg", channels: int = 3) -> tuple[bytes, str]:
+    """(seed, split, class, index, size) -> image bytes: JPEG by default, the format mini-ImageNet images
+    come in, or grayscale PNG (`fmt="png", channels=1`), the format of character sets such as Omniglot."""
     buf = io.BytesIO()
-    Image.fromarray(render(*source)).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue(), "jpg"
+    img = Image.fromarray(render(*source))
+    img = img.convert("L") if channels == 1 else img
+    img.save(buf, format="JPEG" if fmt == "jpg" else "PNG", **({"quality": quality} if fmt == "jpg" else {}))
+    return buf.getvalue(), fmt
 
 
 def items(seed: int, split: str, per_class: int, size: int, classes: int | None = None) -> list[tuple[str, tuple]]:
@@ -99,14 +103,17 @@ def items(seed: int, split: str, per_class: int, size: int, classes: int | None 
 
 
 def synth_dataset(out: Path, *, per_class: int = 600, size: int = 84, seed: int = 0, workers: int = 1,
-                  shard_bytes: float = SHARD_BYTES, classes: dict | None = None, progress=None):
-    """Write the three splits and the manifest; returns the per-split reports."""
+                  shard_bytes: float = SHARD_BYTES, classes: dict | None = None, fmt: str = "jpg",
+                  channels: int = 3, progress=None):
+    """Write the three splits and the manifest; returns the per-split reports. `fmt` ("jpg" or "png")
+    and `channels` (3, or 1 for grayscale) choose how images are stored."""
     from metadist.data.writer import index_shards, write_split
 
     reports = []
+    enc = partial(encode, fmt=fmt, channels=channels)
     for split in SPLITS:
         its = items(seed, split, per_class, size, (classes or {}).get(split))
-        reports.append(write_split(Path(out), split, its, encode, seed=seed, shard_bytes=shard_bytes,
+        reports.append(write_split(Path(out), split, its, enc, seed=seed, shard_bytes=shard_bytes,
                                    workers=workers, progress=progress))
-    index_shards(Path(out), size, 3)
+    index_shards(Path(out), size, channels)
     return reports

@@ -12,7 +12,7 @@ import torch
 from metadist.config import from_dict
 from metadist.data.format import DataError
 from metadist.data.manifest import Manifest
-from metadist.data.sampler import StreamingEpisodes, fixed_episodes
+from metadist.data.sampler import IndexEpisodes, StreamingEpisodes, fixed_episodes
 from metadist.data.synth import synth_dataset
 from metadist.tasks import build_tasks
 
@@ -55,7 +55,7 @@ def test_streaming_workers_read_disjoint_shards_and_episodes_are_well_formed(dat
     m = Manifest(dataset)
     a = StreamingEpisodes(m, "train", ways=3, channels=3, size=20, seed=0, rank=0, world=2, buffer_per_class=6)
     b = StreamingEpisodes(m, "train", ways=3, channels=3, size=20, seed=0, rank=1, world=2, buffer_per_class=6)
-    assert not set(a.urls) & set(b.urls) and len(a.urls) + len(b.urls) == len(m.split_shards("train"))
+    assert not set(a.shards) & set(b.shards) and len(a.shards) + len(b.shards) == len(m.split_shards("train"))
     ep = a.sample(0, range(4), shots=1, query=2)
     assert ep.xs.shape == (4, 3, 3, 20, 20) and ep.xq.shape == (4, 6, 3, 20, 20)
     assert ep.ys[0].tolist() == [0, 1, 2] and sorted(ep.yq[0].tolist()) == [0, 0, 1, 1, 2, 2]
@@ -111,15 +111,18 @@ def test_a_truncated_shard_is_a_clear_error_naming_it(dataset, tmp_path):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(DataError, match=f"shard .*{shard.name} has .* bytes, the manifest says"):
         Manifest(d).verify("size")
-    m = Manifest(d)
-    s = StreamingEpisodes(m, "train", ways=3, channels=3, size=20, seed=0)
-    s.urls = [str(shard)]  # stream the truncated shard itself, as an unverified reader would
-    with pytest.raises(DataError, match=f"{shard.name}.*(cannot be read|may be truncated)"):
-        for _ in range(30):
-            s.sample(0, range(1), 1, 2)
+    # Unverified, both readers name the shard as soon as they map it.
+    s = StreamingEpisodes(Manifest(d), "train", ways=3, channels=3, size=20, seed=0)
+    s.shards, s._index = [shard.name], [Manifest(d).shards["shard"].index(shard.name)]  # stream this one
+    with pytest.raises(DataError, match=f"{shard.name} has .* bytes but the manifest has samples up to byte"):
+        s.sample(0, range(1), 1, 2)
+    index = IndexEpisodes(Manifest(d), "train", ways=3, channels=3, size=20, seed=0)
+    with pytest.raises(DataError, match=f"{shard.name} has .* bytes .* truncated or changed"):
+        for step in range(20):
+            index.sample(step, range(4), 1, 2)
 
 
-def test_a_pickle_member_is_refused_not_loaded(dataset, tmp_path):
+def test_a_pickle_member_is_never_read(dataset, tmp_path):
     d = _copy(dataset, tmp_path)
     shard = sorted(d.glob("train-*.tar"))[0]
     with tarfile.open(shard, "a") as tar:
@@ -128,15 +131,14 @@ def test_a_pickle_member_is_refused_not_loaded(dataset, tmp_path):
         info = tarfile.TarInfo("train_9999999.pyd")
         info.size = len(payload)
         tar.addfile(info, io.BytesIO(payload))
-        for ext, data in (("cls", b"0"), ("jpg", b"x")):
-            info = tarfile.TarInfo(f"train_9999999.{ext}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    s = StreamingEpisodes(Manifest(d), "train", ways=3, channels=3, size=20, seed=0)
-    s.urls = [str(shard)]
-    with pytest.raises(DataError, match="'pyd' member; metadist never unpickles"):
-        for _ in range(30):
-            s.sample(0, range(1), 1, 2)
+    # Readers take the image bytes at the manifest's offsets and nothing else; verify names the change.
+    m = Manifest(d)
+    for s in (StreamingEpisodes(m, "train", ways=3, channels=3, size=20, seed=0),
+              IndexEpisodes(m, "train", ways=3, channels=3, size=20, seed=0)):
+        for step in range(10):
+            s.sample(step, range(2), 1, 2)
+    with pytest.raises(DataError, match=f"{shard.name}: content hash differs"):
+        m.verify("hash")
     import os
     assert not os.path.exists("/tmp/metadist-pwned")
 
@@ -153,7 +155,7 @@ def test_shards_read_through_a_file_url(dataset):
     url = f"file://{dataset}"
     m = Manifest(url)
     s = StreamingEpisodes(m, "train", ways=3, channels=3, size=20, seed=0)
-    assert s.urls[0].startswith("file://")
+    assert m.url(s.shards[0]).startswith("file://")
     assert s.sample(0, range(2), 1, 2).xs.shape == (2, 3, 3, 20, 20)
     ep = fixed_episodes(m, "test", 2, ways=3, shots=1, query=2, channels=3, size=20, seed=0)
     assert torch.equal(ep.xs, fixed_episodes(Manifest(dataset), "test", 2, ways=3, shots=1, query=2,

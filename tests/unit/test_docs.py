@@ -103,10 +103,11 @@ def test_the_checks_catch_a_pointer_and_a_broken_link(tmp_path):
 
 
 def test_the_worker_count_claims_hold(tmp_path):
-    # README ("On Ray") and docs/architecture.md ("Determinism"): procedural tasks do not depend on how
-    # the meta-batch is split across workers; image episodes, streamed or decoded, do.
+    # README ("On Ray") and docs/architecture.md ("Determinism"): procedural tasks, and image episodes
+    # drawn by index (data.access: index), do not depend on how the meta-batch is split across workers;
+    # streamed image episodes (data.access: stream) do.
     from metadist.data.manifest import Manifest
-    from metadist.data.sampler import StreamingEpisodes
+    from metadist.data.sampler import IndexEpisodes, StreamingEpisodes
     from metadist.data.synth import synth_dataset
     from metadist.runtime.local import split_tasks
     from metadist.tasks import SinusoidTasks
@@ -120,10 +121,14 @@ def test_the_worker_count_claims_hold(tmp_path):
     synth_dataset(tmp_path, per_class=12, size=20, seed=0, classes={"train": 8, "val": 5, "test": 6},
                   shard_bytes=20_000)
     manifest = Manifest(tmp_path)
-    for cache in ("stream", "decoded"):
-        def stream(rank, world):
-            return StreamingEpisodes(manifest, "train", ways=3, channels=3, size=20, seed=0, rank=rank,
-                                     world=world, buffer_per_class=6, cache=cache)
-        one = stream(0, 1).sample(0, range(4), 1, 2).xs
-        two = torch.cat([stream(rank, 2).sample(0, r, 1, 2).xs for rank, r in enumerate(split_tasks(4, 2))])
-        assert one.shape == two.shape and not torch.equal(one, two), cache
+    shape = dict(ways=3, channels=3, size=20, seed=0)
+    index = IndexEpisodes(manifest, "train", **shape)
+    one = index.sample(0, range(4), 1, 2).xs
+    assert torch.equal(one, torch.cat([IndexEpisodes(manifest, "train", **shape).sample(0, r, 1, 2).xs
+                                       for r in split_tasks(4, 2)]))
+
+    def stream(rank, world):
+        return StreamingEpisodes(manifest, "train", rank=rank, world=world, buffer_per_class=6, **shape)
+    one = stream(0, 1).sample(0, range(4), 1, 2).xs
+    two = torch.cat([stream(rank, 2).sample(0, r, 1, 2).xs for rank, r in enumerate(split_tasks(4, 2))])
+    assert one.shape == two.shape and not torch.equal(one, two)
