@@ -148,6 +148,7 @@ def test_rayjob_entrypoints_are_valid_metadist_commands():
 
     jobs = [doc for _, doc in _docs() if doc["kind"] == "RayJob"]
     assert {shlex.split(j["spec"]["entrypoint"])[3] for j in jobs} == {"train", "tune"}
+    executors = set()
     for job in jobs:
         args = shlex.split(job["spec"]["entrypoint"])
         overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
@@ -156,7 +157,9 @@ def test_rayjob_entrypoints_are_valid_metadist_commands():
             assert plan.job["runtime"]["device"] == "cuda" and plan.job["runtime"]["gpus_per_worker"] == 1
         else:
             cfg = load_config(ROOT / args[4], overrides)
-            assert cfg.runtime.executor == "ray" and cfg.runtime.device == "cuda" and cfg.runtime.gpus_per_worker == 1
+            assert cfg.runtime.device == "cuda" and cfg.runtime.gpus_per_worker == 1
+            executors.add(cfg.runtime.executor)
+    assert executors == {"ray", "collective"}  # a training RayJob for each distributed path
 
 
 def test_every_ray_pod_mounts_the_shared_volume_that_sweeps_write_to():
@@ -174,6 +177,11 @@ def test_every_ray_pod_mounts_the_shared_volume_that_sweeps_write_to():
             mounts |= paths
         assert set(volumes.values()) <= claims
     (mount,) = mounts  # the same path on every pod
+    # A job that names no output folder writes under the head's METADIST_OUT_DIR (the jobs' drivers run
+    # there), which must be on the shared volume too, not in Ray's copy of the job's working directory.
+    (head,) = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    (out,) = [e["value"] for e in head["env"] if e["name"] == "METADIST_OUT_DIR"]
+    assert out.startswith(mount + "/")
     for job in (d for d in docs if d["kind"] == "RayJob"):
         args = shlex.split(job["spec"]["entrypoint"])
         key = "out_dir" if args[3] == "tune" else "train.out_dir"
