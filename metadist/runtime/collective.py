@@ -52,7 +52,7 @@ from metadist.algorithms.spec import InnerSpec
 from metadist.config import Config, ConfigError, dump_config, from_dict, to_dict
 from metadist.data.format import DataError
 from metadist.errors import UserError
-from metadist.evaluation import join_curves
+from metadist.evaluation import join_curves, print_eval
 from metadist.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metadist.runtime.errors import ClusterError, TrainingDiverged
 from metadist.runtime.flat import Layout
@@ -161,8 +161,12 @@ def rank_main(config: dict) -> None:
     """The function every Ray Train rank runs: the outer loop on this rank's share of each step."""
     from metadist.runtime.driver import Callback, Every, Trainer, drop_records_after
 
-    for name in ("ray.train", "ray.tune"):  # a line per report and checkpoint would drown the run's output
-        logging.getLogger(name).setLevel(logging.WARNING)
+    # A line per report and checkpoint would drown the run's output. Ray Train's report logger is named
+    # by its module's file, not under "ray.train".
+    from ray.train.v2._internal.execution import context as train_context
+
+    for logger in (logging.getLogger("ray.train"), logging.getLogger("ray.tune"), train_context.logger):
+        logger.setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = from_dict(config["cfg"])
@@ -188,7 +192,7 @@ def rank_main(config: dict) -> None:
         tracker = Tracker(cfg, uri=t["uri"], run_id=run_id, parent_run_id=t["parent_run_id"],
                           run_name=t["run_name"], tags=t["tags"])
     executor = CollectiveExecutor(cfg, rank, world, restarts=max(starts - 1, 0))
-    console = Console(stderr=True, quiet=not main)
+    console = Console(stderr=True, quiet=True)  # the driver shows the progress and the evaluation
     trainer = Trainer(cfg, run_dir=run_dir, console=console, tracker=tracker, device=executor.device)
     trainer.main = main
     trainer.tracked = config["tracking"] is not None  # every rank evaluates the baseline rank 0 records
@@ -343,7 +347,9 @@ def fit(trainer, progress: bool = True, callbacks: tuple = ()) -> dict:
         # Rank 0 recorded the run and has finished it; the driver only learns where it is.
         tracker.run_id = (run_dir / RUN_ID).read_text().strip()
         tracker.experiment_id = tracker.client.get_run(tracker.run_id).info.experiment_id
-    return json.loads((run_dir / SUMMARY).read_text())
+    summary = json.loads((run_dir / SUMMARY).read_text())
+    print_eval(summary["eval"], title=cfg.name, console=trainer.console)
+    return summary
 
 
 def _raise_user_error(run_dir: Path) -> None:
