@@ -39,7 +39,7 @@ test: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(BIN)/python bench/inner_loop.py
-	$(BIN)/python bench/ray_overhead.py
+	$(BIN)/python bench/reducer.py
 
 clean:
 	rm -rf $(VENV) runs mlruns mlflow.db

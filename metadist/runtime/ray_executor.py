@@ -227,8 +227,8 @@ class RayExecutor:
 
     def _flat(self, params: Tensors) -> np.ndarray:
         # numpy, not a torch tensor: Ray stores it as one zero-copy buffer that workers on this node map
-        # instead of unpickling. Round trip measured by bench/ray_overhead.py on 2 cores: 2.0x faster
-        # at 1M parameters, 3.6x at 4M, 3.9x at 12.4M.
+        # instead of unpickling. The driver reduce measured by bench/reducer.py on 2 cores: about 3x
+        # faster than with torch tensors from 4M parameters up (docs/scaling.md).
         return self.layout.flatten(params).cpu().numpy()
 
     # -- around ---------------------------------------------------------------------------------
