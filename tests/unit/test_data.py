@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 
 import numpy as np
 import pytest
 import torch
 
-from metadist.config import from_dict
+from metadist.config import from_dict, to_dict
 from metadist.data.format import DataError
 from metadist.data.manifest import Manifest
 from metadist.data.sampler import IndexEpisodes, StreamingEpisodes, fixed_episodes
@@ -161,3 +162,133 @@ def test_shards_read_through_a_file_url(dataset):
     assert torch.equal(ep.xs, fixed_episodes(Manifest(dataset), "test", 2, ways=3, shots=1, query=2,
                                              channels=3, size=20, seed=0).xs)
     m.verify("size")
+
+
+# -- data.access: index ---------------------------------------------------------------------------
+
+def _fewshot(path, **over):
+    cfg = _cfg(path, access=over.pop("access", "index"), **over.pop("data", {}))
+    return from_dict({**to_dict(cfg), **over}) if over else cfg
+
+
+def test_index_episodes_do_not_depend_on_how_the_meta_batch_is_split(dataset):
+    from metadist.runtime.local import split_tasks
+
+    tasks = build_tasks(_fewshot(dataset))
+    assert tasks.access == "index" and tasks.state() is None  # the step is the position
+    whole = tasks.sample(5, range(6), 1, 2)
+    assert whole.ys[0].tolist() == [0, 1, 2] and sorted(whole.yq[0].tolist()) == [0, 0, 1, 1, 2, 2]
+    for world in (2, 3):
+        # Each worker draws its own share (global task indices) in its own process, as the executors do.
+        parts = [build_tasks(_fewshot(dataset), rank, world).sample(5, share, 1, 2)
+                 for rank, share in enumerate(split_tasks(6, world))]
+        for name in ("xs", "ys", "xq", "yq"):
+            assert torch.equal(getattr(whole, name), torch.cat([getattr(p, name) for p in parts])), (world, name)
+    # Tasks differ from one another and from step to step; a redraw (a replaced worker) is identical.
+    assert not torch.equal(whole.xs[0], whole.xs[1])
+    assert not torch.equal(tasks.sample(6, range(6), 1, 2).xs, whole.xs)
+    assert torch.equal(tasks.sample(5, range(6), 1, 2).xq, whole.xq)
+    # A decoded cache gives the very same episodes.
+    decoded = build_tasks(_fewshot(dataset, data={"cache": "decoded"}))
+    assert torch.equal(decoded.sample(5, range(6), 1, 2).xq, whole.xq)
+
+
+def test_index_meta_gradient_is_the_same_from_one_or_two_workers(dataset):
+    from metadist.algorithms import init_meta_params, make_spec
+    from metadist.runtime.local import TaskShard, split_tasks
+
+    cfg = _fewshot(dataset, algorithm={"task_parallel": "loop"}, runtime={"threads": 1})
+    threads = torch.get_num_threads()  # TaskShard sets runtime.threads for the process
+    try:
+        one = TaskShard(cfg)
+        params = init_meta_params(one.model, cfg)
+        grads, _ = one.compute(params, 3, make_spec(cfg), range(4))
+        shares = [TaskShard(cfg, rank, 2).compute(params, 3, make_spec(cfg), share)[0]
+                  for rank, share in enumerate(split_tasks(4, 2))]
+    finally:
+        torch.set_num_threads(threads)
+    for k, g in grads.items():
+        assert torch.allclose(g, shares[0][k] + shares[1][k], rtol=1e-5, atol=1e-6), k
+
+
+def test_auto_access_is_index_for_local_or_small_data_else_stream(dataset, monkeypatch):
+    import fsspec
+
+    from metadist.data import sampler
+
+    fs = fsspec.filesystem("memory")
+    for f in dataset.iterdir():
+        fs.pipe(f"/remote-synth/{f.name}", f.read_bytes())
+    try:
+        remote = "memory://remote-synth"
+        assert build_tasks(_fewshot(dataset, access="auto")).access == "index"
+        tasks = build_tasks(_fewshot(remote, access="auto"))  # 2 GiB or less: held in memory
+        assert tasks.access == "index" and not tasks.manifest.local
+        local = build_tasks(_fewshot(dataset)).sample(2, range(3), 1, 2)
+        assert torch.equal(tasks.sample(2, range(3), 1, 2).xq, local.xq)
+        monkeypatch.setattr(sampler, "INDEX_AUTO_BYTES", 0)
+        assert build_tasks(_fewshot(remote, access="auto")).access == "stream"
+        assert build_tasks(_fewshot(remote, access="auto", data={"cache": "decoded"})).access == "index"
+        assert build_tasks(_fewshot(dataset, access="auto")).access == "index"
+    finally:
+        fs.rm("/remote-synth", recursive=True)
+
+
+# -- data.access: stream, checked before training ----------------------------------------------
+
+def test_a_stream_that_cannot_form_an_episode_fails_before_training_in_one_line(dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from metadist.cli import app
+
+    # 12 images per class over several shards: 1 worker has all 12 of each class, 2 workers about 6.
+    two = {"runtime": {"executor": "ray", "workers": 2}, "task": {"family": "fewshot", "ways": 3, "shots": 1,
+                                                                  "query": 9}}
+    assert build_tasks(_fewshot(dataset, access="stream", task=two["task"])).access == "stream"
+    with pytest.raises(DataError) as err:
+        build_tasks(_fewshot(dataset, access="stream", **two))
+    msg = str(err.value)
+    assert "\n" not in msg and "worker" in msg and "of 2" in msg and "K + Q = 1 + 9" in msg
+    assert "a 3-way episode needs 3" in msg and "data.access: index" in msg
+    assert build_tasks(_fewshot(dataset, access="index", **two)).access == "index"  # by index it is fine
+    with pytest.raises(DataError, match="data.buffer_per_class=6 keeps fewer images of a class than an episode"):
+        build_tasks(_fewshot(dataset, access="stream", data={"buffer_per_class": 6}, task=two["task"]))
+    # From the command line: one line, exit 2, before any Ray worker or run folder exists.
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps({**to_dict(_fewshot(dataset, access="stream", **two)),
+                               "tracking": {"enabled": False}, "train": {"out_dir": str(tmp_path / "runs")}}))
+    res = CliRunner().invoke(app, ["train", str(job), "--no-progress"])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "a 3-way episode needs 3" in " ".join(res.output.split())
+    assert not (tmp_path / "runs").exists()
+
+
+# -- decoding -------------------------------------------------------------------------------------
+
+def test_the_direct_decoder_gives_pillows_pixels_and_falls_back_for_the_rest():
+    from PIL import Image
+
+    from metadist.data.format import decode_into, pixel_batch
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+
+    def encoded(img, fmt, **kw):
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    for channels, mode in ((1, "L"), (3, "RGB")):
+        src = Image.fromarray(rgb).convert(mode)
+        blobs = [encoded(src, "PNG"), encoded(src, "JPEG", quality=90),
+                 encoded(src, "PNG", optimize=True),
+                 encoded(src.convert("RGB" if mode == "L" else "L"), "PNG"),  # the other mode: converted
+                 encoded(src.resize((16, 16)), "JPEG"),  # another size: resized
+                 encoded(src.convert("P"), "PNG")]  # a palette: Pillow's reader
+        out = decode_into(pixel_batch(len(blobs), 12, channels), blobs, "test")
+        for got, blob in zip(out, blobs):
+            with Image.open(io.BytesIO(blob)) as img:
+                want = np.asarray(img.convert(mode).resize((12, 12), Image.Resampling.BILINEAR))
+            assert np.array_equal(got, want.reshape(12, 12, channels))
+    with pytest.raises(DataError, match="somewhere: cannot decode image"):
+        decode_into(pixel_batch(1, 12, 3), [encoded(Image.fromarray(rgb), "JPEG")[:200]], "somewhere")
