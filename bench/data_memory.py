@@ -2,11 +2,14 @@
 
 Writes `metadist data synth` at full size (64 / 16 / 20 classes, 600 images per class, 84 px) unless the
 directory already holds it, then measures in fresh processes, one per mode:
-- `stream` (default): bounded per-class buffers of encoded images, decoded when drawn;
-- `decoded` (`data.cache: decoded`): the worker's shards decoded once into memory.
+- `stream` (`data.access: stream`): bounded per-class buffers of encoded images, decoded when drawn;
+- `index` (`data.access: index`): images read by tar offset from the memory-mapped train shards;
+- `index`, `data.cache: decoded`: every image decoded once (here all of them, before timing) and kept.
 Reported: peak RSS of the process (torch and the reader included, next to a process that only imports
-them), start-up time, and 5-way 1-shot 15-query episodes per second. For scale: learn2learn loads the
-train pickle as float32, 38,400 x 84 x 84 x 3 x 4 bytes = 3.25 GB.
+them) and, at the end, its anonymous memory (its own) and file-backed memory (mapped shards: page cache
+that every worker of the node shares, and that the OS can drop); start-up time (for `decoded`: decoding
+every train image); and 5-way 1-shot 15-query episodes per second, drawn one at a time. For scale:
+learn2learn loads the train pickle as float32, 38,400 x 84 x 84 x 3 x 4 bytes = 3.25 GB.
 
     python bench/data_memory.py [DIR] [--episodes 300] [--workers 2]
 """
@@ -27,20 +30,28 @@ PROBE = r"""
 import json, resource, sys, time
 import torch
 from metadist.data.manifest import Manifest
-from metadist.data.sampler import StreamingEpisodes
+from metadist.data.sampler import IndexEpisodes, StreamingEpisodes
 mode, root, episodes, buffer = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 out = {"mode": mode}
 if mode != "baseline":
     t0 = time.perf_counter()
-    s = StreamingEpisodes(Manifest(root), "train", ways=5, channels=3, size=84, seed=0, buffer_per_class=buffer,
-                          cache=mode)
+    m = Manifest(root)
+    shape = dict(ways=5, channels=3, size=84, seed=0)
+    if mode == "stream":
+        s = StreamingEpisodes(m, "train", buffer_per_class=buffer, **shape)
+    else:
+        s = IndexEpisodes(m, "train", cache="decoded" if mode == "decoded" else "encoded", **shape)
+        if mode == "decoded":
+            s.pixels.rows(m.rows("train"))
     s.sample(0, range(1), 1, 15)
     out["startup_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for _ in range(episodes):
-        s.sample(0, range(1), 1, 15)
+    for step in range(episodes):
+        s.sample(step, range(1), 1, 15)
     out["episodes_per_s"] = episodes / (time.perf_counter() - t0)
 out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+out["anon_mb"], out["file_mb"] = (int(status[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile"))
 print(json.dumps(out))
 """
 
@@ -63,15 +74,16 @@ def main(argv=None) -> None:
         print(f"synth: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     size_mb = sum(p.stat().st_size for p in root.glob("train-*.tar")) / 1e6
     rows = []
-    for mode in ("baseline", "stream", "decoded"):
+    for mode in ("baseline", "stream", "index", "decoded"):
         res = subprocess.run([sys.executable, "-c", PROBE, mode, str(root), str(args.episodes), str(args.buffer)],
                              capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     print(f"train shards: {size_mb:.0f} MB; buffer_per_class {args.buffer}; {args.episodes} episodes, 5-way 1-shot 15-query\n")
-    print("| source | peak RSS (MB) | start-up (s) | episodes/s |\n|---|---|---|---|")
+    print("| source | peak RSS (MB) | at the end: anonymous / file-backed (MB) | start-up (s) | episodes/s |\n"
+          "|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['peak_rss_mb']:.0f} | {r.get('startup_s', 0):.1f} | "
-              f"{r.get('episodes_per_s', float('nan')):.1f} |")
+        print(f"| {r['mode']} | {r['peak_rss_mb']:.0f} | {r['anon_mb']:.0f} / {r['file_mb']:.0f} | "
+              f"{r.get('startup_s', 0):.1f} | {r.get('episodes_per_s', float('nan')):.1f} |")
 
 
 if __name__ == "__main__":

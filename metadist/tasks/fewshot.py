@@ -28,6 +28,7 @@ class FewShotTasks:
         if self.access == "index":
             self.train = self._fixed["train"] = IndexEpisodes(self.manifest, "train", seed=cfg.seed, cache=d.cache,
                                                               **self.shape)
+            self.train.eligible(cfg.task.shots + cfg.task.query)  # enough classes: checked before training
             return
         # Before training, for every worker of the run (the driver builds its tasks first): a worker whose
         # shards cannot form an episode is one line here, not a failure at its first step.

@@ -1,7 +1,9 @@
 """The mini-ImageNet debug jobs on a synthetic dataset. Every algorithm's job meta-trains: after
 training, one test-time step reaches a clearly lower loss on the test tasks than it did from the initial
-parameters, and the final accuracy is far above chance. On Ray (2 workers streaming their own shards)
-MAML's job does the same, and a worker killed mid-step, or a crashed driver, resumes its stream.
+parameters, and the final accuracy is far above chance. On Ray (2 workers streaming their own shards,
+data.access: stream) MAML's job does the same. Drawn by index (the default for a local dataset), a worker
+killed mid-step recomputes the same tasks, and a crashed driver resumes bit for bit with no position to
+restore; the stream's position is restored by tests/unit/test_data.py.
 
 The other algorithms run in-process: what Ray adds is the same for every algorithm, and in-process they
 run beside the tests that use Ray (make test's parallel workers) instead of after them."""
@@ -59,7 +61,7 @@ def test_every_algorithms_debug_job_meta_trains(name, synth, tmp_path):
 
 @pytest.mark.slow
 def test_debug_job_meta_trains_on_ray(synth, tmp_path, local_ray):
-    summary = _meta_trains(Trainer(_cfg("maml", synth, tmp_path)))
+    summary = _meta_trains(Trainer(_cfg("maml", synth, tmp_path, "data.access=stream")))
     assert summary["runtime"]["executor"] == "ray" and summary["runtime"]["workers"] == 2
 
 
@@ -89,7 +91,7 @@ def test_evaluation_on_the_workers_is_the_one_process_evaluation(clean):
         clean.model.load_state_dict({**clean.model.state_dict(), **trained})
 
 
-def test_killed_worker_continues_its_stream(synth, tmp_path, clean):
+def test_killed_worker_recomputes_the_same_tasks(synth, tmp_path, clean):
     cfg = _cfg("maml", synth, tmp_path, *SHORT)
     killed = []
 
@@ -103,11 +105,11 @@ def test_killed_worker_continues_its_stream(synth, tmp_path, clean):
     trainer.executor.after_submit = kill
     summary = trainer.fit(progress=False)
     assert killed and summary["runtime"]["worker_restarts"] == 1
-    # The replacement re-read its stream up to where the step began: the same episodes, the same result.
+    # The replacement drew the step's tasks again by index: the same episodes, the same result.
     assert all(torch.equal(trainer.params[k], clean.params[k]) for k in clean.params)
 
 
-def test_resumed_image_run_continues_each_workers_stream(synth, tmp_path, clean):
+def test_resumed_image_run_continues_bit_for_bit(synth, tmp_path, clean):
     from metadist.runtime.driver import resume_trainer
 
     cfg = _cfg("maml", synth, tmp_path, *SHORT)
@@ -116,6 +118,6 @@ def test_resumed_image_run_continues_each_workers_stream(synth, tmp_path, clean)
     with pytest.raises(KeyboardInterrupt):
         crashed.fit(progress=False)
     resumed = resume_trainer(crashed.run_dir)
-    assert resumed.step == 5 and len(resumed.resume_data) == 2 and resumed.resume_data[0]["consumed"] > 0
+    assert resumed.step == 5 and resumed.resume_data == [None, None]  # by index: the step is the position
     resumed.fit(progress=False)
     assert all(torch.equal(resumed.params[k], clean.params[k]) for k in clean.params)

@@ -251,6 +251,8 @@ def test_a_stream_that_cannot_form_an_episode_fails_before_training_in_one_line(
     assert "\n" not in msg and "worker" in msg and "of 2" in msg and "K + Q = 1 + 9" in msg
     assert "a 3-way episode needs 3" in msg and "data.access: index" in msg
     assert build_tasks(_fewshot(dataset, access="index", **two)).access == "index"  # by index it is fine
+    with pytest.raises(DataError, match="the train split has 0 classes with at least 13 images; 3-way"):
+        build_tasks(_fewshot(dataset, access="index", task={**two["task"], "query": 12}))
     with pytest.raises(DataError, match="data.buffer_per_class=6 keeps fewer images of a class than an episode"):
         build_tasks(_fewshot(dataset, access="stream", data={"buffer_per_class": 6}, task=two["task"]))
     # From the command line: one line, exit 2, before any Ray worker or run folder exists.
@@ -281,7 +283,7 @@ def test_the_direct_decoder_gives_pillows_pixels_and_falls_back_for_the_rest():
     for channels, mode in ((1, "L"), (3, "RGB")):
         src = Image.fromarray(rgb).convert(mode)
         blobs = [encoded(src, "PNG"), encoded(src, "JPEG", quality=90),
-                 encoded(src, "PNG", optimize=True),
+                 encoded(src, "PNG", optimize=True), encoded(src, "JPEG", progressive=True),
                  encoded(src.convert("RGB" if mode == "L" else "L"), "PNG"),  # the other mode: converted
                  encoded(src.resize((16, 16)), "JPEG"),  # another size: resized
                  encoded(src.convert("P"), "PNG")]  # a palette: Pillow's reader
