@@ -27,7 +27,7 @@ executor's ranks call it; timed inside the ranks after a barrier, the slower ran
 Part 3, the cost model (bench/costmodel.py) fitted to part 2: the crossover, and the cost of each path at
 8, 64 and 256 GPUs, where the network and NCCL figures are assumptions, printed as such.
 
-    python bench/reducer.py                      # everything (about 3 minutes on 2 idle cores)
+    python bench/reducer.py                      # everything (4 to 5 minutes on 2 busy cores)
     python bench/reducer.py --steps 3 --repeats 3 --sizes 1M     # a smoke test
     python bench/reducer.py --steps 0            # part 2 and 3 only
 """
@@ -173,16 +173,17 @@ def bench_steps(name: str, share: int, steps: int, out: Path, log) -> dict:
     coll = CollectiveRun(job(name, "collective", 2, share, total, out))
     first = coll.step(1)  # alone on the machine: its start cost is not inflated by the other paths
     start_collective = max(r["now"] - r["walls"] for r in first) - coll.started
-    t0 = time.perf_counter()
-    drivers = {"ray W=2": Trainer(job(name, "ray", 2, share, 10 ** 6, out))}
-    drivers["ray W=2"].start()
-    start_ray = time.perf_counter() - t0
-    drivers["ray W=1"] = Trainer(job(name, "ray", 1, share, 10 ** 6, out))
-    drivers["local"] = Trainer(job(name, "local", 1, share, 10 ** 6, out))
-    for d in drivers.values():
-        d.start()
+    drivers = {}
     rows = {k: [] for k in PATHS}
     try:
+        t0 = time.perf_counter()
+        drivers["ray W=2"] = Trainer(job(name, "ray", 2, share, 10 ** 6, out))
+        drivers["ray W=2"].start()
+        start_ray = time.perf_counter() - t0
+        drivers["ray W=1"] = Trainer(job(name, "ray", 1, share, 10 ** 6, out))
+        drivers["local"] = Trainer(job(name, "local", 1, share, 10 ** 6, out))
+        for d in drivers.values():
+            d.start()
         for i in range(1 + steps):
             for label in ("local", "ray W=1", "ray W=2"):
                 d = drivers[label]
