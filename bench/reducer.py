@@ -6,7 +6,8 @@ side by side and take outer steps in turn, so that background load falls on all 
 process), `ray` with W = 1 and W = 2 worker actors (the driver reduce, numpy buffers), and `collective`
 with W = 2 Ray Train ranks (the all-reduce, gloo), whose ranks wait at a gate between steps so that the
 driver can interleave them. Each worker, rank or in-process driver runs 1 torch thread
-(runtime.threads=1: two workers on the two cores) and computes the same share of B tasks: the local and
+(runtime.threads=1: two workers on the two cores), all at the same priority (Ray's workers at nice 0,
+as the driver, instead of Ray's default 15), and computes the same share of B tasks: the local and
 W = 1 steps have meta-batch B, the W = 2 steps 2B (weak scaling). The compute is real: the second-order
 MAML meta-gradient of the mini-ImageNet-size Conv-4 (84 px, 32 filters, 5-way 1-shot, 15 query per
 class, 5 inner steps) on random-pixel episodes (no data loading).
@@ -468,7 +469,7 @@ def main(argv=None) -> None:
     ap.add_argument("--share", type=int, help="tasks per worker per step (default: 2 for conv4, 25 sinusoid)")
     ap.add_argument("--steps", type=int, default=6, help="timed steps per path in part 1; 0 skips part 1")
     ap.add_argument("--sizes", default="conv4,1M,4M,12.4M", help="parameter counts of part 2; '' skips it")
-    ap.add_argument("--repeats", type=int, default=10, help="repeats per size and transport in part 2")
+    ap.add_argument("--repeats", type=int, default=15, help="repeats per size and transport in part 2")
     ap.add_argument("--store-mb", type=int, default=1500, help="object store of the local Ray")
     args = ap.parse_args(argv)
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
@@ -476,6 +477,9 @@ def main(argv=None) -> None:
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
+    # Ray starts its workers at nice 15 and leaves the driver at 0: on a busy machine the in-process path
+    # would then compete at a higher priority than the workers it is compared with. Equal footing: 0.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     # A local Ray of its own (never a cluster on this machine), 2 CPUs: the five workers of part 1 ask 0.4
     # each (they take turns: one path computes at a time). The
     # dashboard is on because Ray Train's placement-group cleaner needs its state API.
@@ -493,7 +497,8 @@ def main(argv=None) -> None:
         ray.shutdown()
     print("`python bench/reducer.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv)) + "`")
     print(f"torch {torch.__version__}, ray {ray.__version__}, {torch.get_num_threads()} torch thread(s) in the "
-          f"driver; load average at the end {', '.join(f'{x:.1f}' for x in os.getloadavg())}; "
+          f"driver; Ray workers at nice {os.environ['RAY_worker_niceness']} (the driver at {os.nice(0)}); load average "
+          f"at the end {', '.join(f'{x:.1f}' for x in os.getloadavg())}; "
           f"{time.perf_counter() - began:.0f} s")
     eff = print_steps(steps) if steps else None
     if rows:
