@@ -20,6 +20,7 @@ import torch
 from metadist.config import load_config
 from metadist.data.synth import synth_dataset
 from metadist.models import build_model
+from metadist.runtime.checkpoint import load_checkpoint
 from metadist.runtime.driver import Trainer
 
 from ..conftest import ROOT, crash_at
@@ -59,10 +60,37 @@ def test_every_algorithms_debug_job_meta_trains(name, synth, tmp_path):
     assert summary["runtime"]["executor"] == "local"
 
 
+STREAM = ["data.access=stream", "algorithm.task_parallel=loop"]
+
+
+@pytest.fixture(scope="module")
+def stream_on_ray(synth, tmp_path_factory, local_ray):
+    """MAML's debug job on 2 actors streaming their own shards: (trainer, summary)."""
+    trainer = Trainer(_cfg("maml", synth, tmp_path_factory.mktemp("stream"), *STREAM))
+    return trainer, _meta_trains(trainer)
+
+
 @pytest.mark.slow
-def test_debug_job_meta_trains_on_ray(synth, tmp_path, local_ray):
-    summary = _meta_trains(Trainer(_cfg("maml", synth, tmp_path, "data.access=stream")))
+def test_debug_job_meta_trains_on_ray(stream_on_ray):
+    summary = stream_on_ray[1]
     assert summary["runtime"]["executor"] == "ray" and summary["runtime"]["workers"] == 2
+
+
+@pytest.mark.slow
+def test_image_episodes_reach_collective_ranks_as_they_reach_actors(synth, tmp_path, stream_on_ray, clean):
+    """Streamed: rank r reads shards r, r+W, ... as actor r does, from the same position, and the
+    checkpoint holds each rank's position. By index: every rank draws its tasks as an actor does. With 2
+    workers the all-reduced sum is the driver's sum (a + b = b + a), so the parameters agree bit for bit."""
+    for ref, extra in ((stream_on_ray[0], STREAM), (clean, SHORT)):
+        cfg = _cfg("maml", synth, tmp_path, "runtime.executor=collective", *extra)
+        trainer = Trainer(cfg)
+        trainer.fit(progress=False)
+        assert all(torch.equal(trainer.params[k], ref.params[k]) for k in ref.params), cfg.data.access
+        positions = load_checkpoint(trainer.run_dir / "checkpoint.pt")["data_cursor"]["workers"]
+        if cfg.data.access == "stream":
+            assert [p["rank"] for p in positions] == [0, 1] and all(p["consumed"] > 0 for p in positions)
+        else:
+            assert positions == [None, None]  # by index the step is the position
 
 
 # Per-step BatchNorm: the evaluation normalises with running statistics that only the driver updates.
