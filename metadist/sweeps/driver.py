@@ -3,6 +3,10 @@
 - The trainable is a Tune function (`metadist.sweeps.trial.run_trial`). Its resources are one
   placement group per trial: bundle 0 for the trial's driver (`trial_cpus`), bundles 1..W for its worker
   actors, so a trial starts only when all of its workers fit and trials never wait on each other.
+  A collective trial (`runtime.executor: collective`) has bundle 0 alone: Ray Train places its ranks
+  in a placement group of its own, which Tune does not see, so Tune runs only as many such trials at
+  once as the cluster holds with their ranks (`trials_at_once`). On 2 CPUs: `trial_cpus: 0.1` and
+  `cpus_per_worker: 0.9` let a trial and its ranks fit where 1 + 1 per rank would wait for ever.
 - Search: Tune's variant generator (random sampling, grid keys crossed) or Optuna; scheduler: ASHA on
   the validation metric against `steps_done`, or none.
 - MLflow: one parent run per sweep here, one child run per trial (written by the trial's driver).
@@ -31,10 +35,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from metadist.config import ConfigError
 from metadist.plots import save_png
 from metadist.runtime.cluster import connect
+from metadist.runtime.errors import ClusterError
 from metadist.sweeps import plots, results
 from metadist.sweeps.plan import STATE, SweepPlan
 from metadist.sweeps.trial import TrialContext, run_trial, trial_label
-from metadist.store_uri import tracking_uri
+from metadist.store_uri import out_dir, tracking_uri
 from metadist.tracking import SweepRun
 
 
@@ -59,16 +64,19 @@ def search_space(plan: SweepPlan) -> dict:
     return {"params": space}
 
 
-def search_algorithm(plan: SweepPlan):
+def search_algorithm(plan: SweepPlan, limit: int | None = None):
+    """The searcher, running at most `limit` trials at once (None: as many as fit)."""
     if plan.sweep["search"] != "optuna":
-        # Random variants (grid keys crossed), seeded: the same sweep file samples the same trials.
-        return BasicVariantGenerator(random_state=plan.job["seed"])
+        # Random variants (grid keys crossed), seeded: the same sweep file samples the same trials. The
+        # limit is the generator's own: Tune ignores max_concurrent_trials for it (it warns, and runs more).
+        return BasicVariantGenerator(random_state=plan.job["seed"], max_concurrent=limit or 0)
     try:
         from ray.tune.search.optuna import OptunaSearch
         import optuna  # noqa: F401  (OptunaSearch imports it lazily and fails late without it)
     except ImportError:
         raise ConfigError("search: optuna needs Optuna installed: pip install 'metadist[optuna]'") from None
-    return OptunaSearch(seed=plan.job["seed"])
+    searcher = OptunaSearch(seed=plan.job["seed"])
+    return tune.search.ConcurrencyLimiter(searcher, max_concurrent=limit) if limit else searcher
 
 
 def scheduler(plan: SweepPlan):
@@ -80,15 +88,41 @@ def scheduler(plan: SweepPlan):
 
 
 def trial_bundles(plan: SweepPlan) -> list[dict]:
-    """Bundle 0: the trial's driver; then one bundle per worker actor (the Ray executor takes them)."""
+    """Bundle 0: the trial's driver; then one bundle per worker actor (the Ray executor takes them). A
+    collective trial's driver only waits for its ranks, which Ray Train places outside this group."""
     rt = plan.job["runtime"]
     driver = {"CPU": plan.sweep["trial_cpus"]}
+    if rt["executor"] == "collective":
+        return [driver]
     if rt["executor"] == "local":
         if rt["device"] != "cpu" and rt["gpus_per_worker"]:
             driver["GPU"] = rt["gpus_per_worker"]
         return [driver]
     worker = {"CPU": rt["cpus_per_worker"], **({"GPU": rt["gpus_per_worker"]} if rt["gpus_per_worker"] else {})}
     return [driver] + [dict(worker) for _ in range(rt["workers"])]
+
+
+def trials_at_once(plan: SweepPlan, cluster: dict) -> int | None:
+    """Tune's limit on running trials: the sweep's `concurrent`, else none, except for collective trials.
+    Tune reserves only their bundle 0 and would start more than the ranks' placement groups can hold;
+    the ranks of the extra ones would wait until Ray Train gives up on them. So as many as the cluster's
+    resources (`cluster`, Ray's totals) hold, each trial with its ranks."""
+    if plan.sweep["concurrent"]:
+        return plan.sweep["concurrent"]
+    rt = plan.job["runtime"]
+    if rt["executor"] != "collective":
+        return None
+    need = {"CPU": plan.sweep["trial_cpus"] + rt["workers"] * rt["cpus_per_worker"],
+            "GPU": rt["workers"] * rt["gpus_per_worker"]}
+    fits = min(int(cluster.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v)
+    if fits < 1:
+        have = ", ".join(f"{cluster.get(k, 0):g} {k}" for k in need)
+        asked = " and ".join(f"{v:g} {k}" for k, v in need.items() if v)
+        raise ClusterError(f"a collective trial asks for {asked} (trial_cpus + runtime.workers={rt['workers']} "
+                           f"ranks of cpus_per_worker={rt['cpus_per_worker']:g}, gpus_per_worker="
+                           f"{rt['gpus_per_worker']:g}); the Ray cluster has {have} in all (one that scales "
+                           f"up as trials ask: set concurrent to the trials to run at once)")
+    return fits
 
 
 def trainable(context: TrialContext):
@@ -137,10 +171,11 @@ def _connect(sweep: dict) -> bool:
 
 def start(plan: SweepPlan, path: Path, console: Console) -> Path:
     """Open the parent run of a planned sweep (from file `path`), run it; returns the sweep folder."""
-    sweep_dir = (Path(plan.sweep["out_dir"]) / f"{plan.sweep['name']}-{datetime.now():%Y%m%d-%H%M%S}").resolve()
+    uri = tracking_uri(plan.job["tracking"]["uri"])  # both places are settled before anything is written
+    root = out_dir(plan.sweep["out_dir"], "out_dir", "runs/sweeps", under="sweeps")
+    sweep_dir = (root / f"{plan.sweep['name']}-{datetime.now():%Y%m%d-%H%M%S}").resolve()
     sweep_dir.mkdir(parents=True, exist_ok=False)
     (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(plan.sweep, sort_keys=False))
-    uri = tracking_uri(plan.job["tracking"]["uri"])
     parent = SweepRun(uri, plan.job["tracking"]["experiment"])
     parent.start(sweep_dir.name, plan.sweep, sweep_dir, sweep_dir / "sweep.yaml")
     state = {"plan": plan.__dict__, "tracking_uri": uri, "parent_run_id": parent.run_id,
@@ -181,11 +216,12 @@ def _run(sweep_dir: Path, plan: SweepPlan, parent: SweepRun, console: Console, r
             tuner = tune.Tuner.restore(str(sweep_dir), trainable(context), resume_unfinished=True,
                                        resume_errored=True)
         else:
+            limit = trials_at_once(plan, ray.cluster_resources())
             tuner = tune.Tuner(
                 trainable(context), param_space=search_space(plan),
-                tune_config=tune.TuneConfig(metric=plan.metric, mode=plan.mode, search_alg=search_algorithm(plan),
-                                            scheduler=scheduler(plan), num_samples=plan.sweep["samples"],
-                                            max_concurrent_trials=plan.sweep["concurrent"] or None),
+                tune_config=tune.TuneConfig(metric=plan.metric, mode=plan.mode,
+                                            search_alg=search_algorithm(plan, limit),
+                                            scheduler=scheduler(plan), num_samples=plan.sweep["samples"]),
                 run_config=tune.RunConfig(
                     name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0,
                     callbacks=[_Progress(plan.metric), CSVLoggerCallback(), JsonLoggerCallback()],
@@ -205,6 +241,9 @@ def _run(sweep_dir: Path, plan: SweepPlan, parent: SweepRun, console: Console, r
     except KeyboardInterrupt:
         interrupted = True
         parent.client.set_terminated(parent.run_id, status="KILLED")
+    except Exception:
+        parent.client.set_terminated(parent.run_id, status="FAILED")  # not left RUNNING for ever
+        raise
     finally:
         if owns_ray:
             ray.shutdown()

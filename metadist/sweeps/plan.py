@@ -89,8 +89,9 @@ class SweepConfig:
     """CPUs reserved for each trial's driver (its worker actors reserve `runtime.cpus_per_worker` each)."""
     max_failures: NonNegInt = 1
     """Times a failed trial (a crash, a lost node) is retried from its last checkpoint."""
-    out_dir: str = "runs/sweeps"
-    """Directory under which each sweep gets its folder (Tune state, trial runs, results)."""
+    out_dir: Optional[str] = None
+    """Directory under which each sweep gets its folder (Tune state, trial runs, results); empty takes
+    $METADIST_OUT_DIR/sweeps, else `runs/sweeps` (a Ray job needs one of them)."""
     experiment: Optional[str] = None
     """MLflow experiment of the parent and child runs; defaults to the base job's, else the sweep name."""
     address: Optional[str] = None

@@ -7,12 +7,20 @@ MLflow child run id travels inside the checkpoint, so a resumed trial continues 
 
 Every report carries `outcome`: `running` on validations, `finished` with the final evaluation, or
 `diverged` when the meta-loss or the validation metric became NaN/inf; the sweep's driver builds its
-table from these. A
-diverged trial ends normally (Tune marks it TERMINATED), so the sweep goes on.
+table from these. A diverged trial ends normally (Tune marks it TERMINATED), so the sweep goes on.
+
+With `runtime.executor: collective` the trial is the driver of a Ray Train group (`collective.fit`),
+whose ranks run the outer loop. The validation reports then come from the ranks: after each validation
+every rank saves the checkpoint and reports it to Ray Train with the trial's metrics (the report is a
+barrier, so every rank makes it, at the same steps), and the group's TuneReportCallback passes rank 0's
+on to Tune, where ASHA reads them as it reads any trial's. The group's other reports (its periodic
+checkpoints, the final one) stay Ray Train's. The final evaluation is reported by the trial itself,
+once the group is done. A retried or resumed trial continues from the checkpoint in its run folder.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -22,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
 from rich.console import Console
 
 from metadist.runtime.checkpoint import load_checkpoint
@@ -61,11 +70,14 @@ def run_trial(config: dict, context: TrialContext) -> None:
     run_dir = Path(context.sweep_dir) / "trials" / trial_id
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    collective = cfg.runtime.executor == "collective"
     state = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(Path(folder) / "checkpoint.pt")
+    elif collective and (run_dir / "checkpoint.pt").exists():  # Tune holds no checkpoint of a group's
+        state = load_checkpoint(run_dir / "checkpoint.pt")
     tracker = Tracker(cfg, uri=context.tracking_uri, parent_run_id=context.parent_run_id,
                       run_id=state.get("mlflow_run_id") if state else None,
                       run_name=f"{trial_id} {trial_label(params)}", tags={"metadist.trial_id": trial_id})
@@ -76,12 +88,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
     metric = context.plan.metric
 
     def report(trainer: Trainer) -> None:
-        value = trainer.last_validation.get(metric)
-        if isinstance(value, float) and not math.isfinite(value):
-            # Every validation task blew up (a huge inner lr, at test time) while the meta-loss stayed finite.
-            raise TrainingDiverged(f"{metric} is not finite at step {trainer.step}: every validation task "
-                                   f"diverged (inner.lr={cfg.inner.lr})")
-        if trainer.step >= cfg.train.steps:
+        if not _validated(trainer, metric):
             return  # the last validation goes out with the final evaluation, in one report
         path = trainer.save()
         with tempfile.TemporaryDirectory(prefix="metadist-ckpt-") as folder:
@@ -89,9 +96,16 @@ def run_trial(config: dict, context: TrialContext) -> None:
             tune.report(_finite(_metrics(trainer, "running")),
                         checkpoint=tune.Checkpoint.from_directory(folder))
 
-    trainer.callbacks.append(Callback(trainer.validation_cadence, report))  # after each validation
     try:
-        summary = trainer.fit(progress=False)
+        if collective:
+            from metadist.runtime import collective as group  # the ranks report; this process waits
+
+            trainer.rank_callbacks.append(Callback(trainer.validation_cadence,
+                                                   functools.partial(_rank_report, metric=metric)))
+            summary = group.fit(trainer, progress=False, callbacks=(_ForwardValidations(),))
+        else:
+            trainer.callbacks.append(Callback(trainer.validation_cadence, report))  # after each validation
+            summary = trainer.fit(progress=False)
     except TrainingDiverged as err:
         # NaN: searchers read it as a failed trial (Optuna needs the key in every report), ASHA skips it.
         tune.report({"steps_done": trainer.step, "outcome": "diverged", metric: math.nan, "error": str(err)[:300]})
@@ -105,13 +119,48 @@ def run_trial(config: dict, context: TrialContext) -> None:
     tune.report(_finite(final))
 
 
+def _validated(trainer: Trainer, metric: str) -> bool:
+    """After a validation: whether it is one to report now (not the last, which goes out with the final
+    evaluation); TrainingDiverged if the metric is not finite."""
+    value = trainer.last_validation.get(metric)
+    if isinstance(value, float) and not math.isfinite(value):
+        # Every validation task blew up (a huge inner lr, at test time) while the meta-loss stayed finite.
+        raise TrainingDiverged(f"{metric} is not finite at step {trainer.step}: every validation task "
+                               f"diverged (inner.lr={trainer.cfg.inner.lr})")
+    return trainer.step < trainer.cfg.train.steps
+
+
+def _rank_report(trainer: Trainer, metric: str) -> None:
+    """A collective trial's report, on every rank after each validation: the checkpoint, with the trial's
+    metrics, to Ray Train, whose TuneReportCallback passes rank 0's on to Tune. Every rank validates the
+    same parameters on the same tasks, so every rank meets a diverged metric alike and ends the group."""
+    if not _validated(trainer, metric):
+        return
+    trainer.executor.report_metrics = _finite(_metrics(trainer, "running"))
+    try:
+        trainer.save()
+    finally:
+        trainer.executor.report_metrics = {}  # the group's own checkpoint reports stay Ray Train's
+
+
+class _ForwardValidations(TuneReportCallback):
+    """Passes to Tune the ranks' reports of validations (they carry `outcome`), not the collective
+    group's own checkpoint reports, which hold no validation metric and would be taken for results."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if "outcome" in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
+
+
 def _metrics(trainer: Trainer, outcome: str) -> dict:
     """The latest validation values plus progress: what Tune, ASHA and the table read."""
     latest: dict = {}
     for r in trainer.history:  # the last value of every scalar logged so far, the latest validation included
         latest.update({k: v for k, v in r.items() if isinstance(v, (int, float))})
     latest.pop("step", None)
-    return {**latest, "steps_done": trainer.step, "meta_loss": trainer.last_loss, "outcome": outcome,
+    # The driver of a collective group ran no step itself: its last meta-loss is the last one logged.
+    loss = trainer.last_loss if math.isfinite(trainer.last_loss) else latest.get("loss_after", math.nan)
+    return {**latest, "steps_done": trainer.step, "meta_loss": loss, "outcome": outcome,
             "mlflow_run_id": trainer.tracker.run_id if trainer.tracker else None}
 
 

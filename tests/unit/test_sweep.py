@@ -113,6 +113,41 @@ def test_tune_space_resources_and_schedulers(monkeypatch):
     assert trial_bundles(local) == [{"CPU": 2.0}]
 
 
+def test_collective_trials_are_sized_so_that_a_sweep_on_two_cpus_never_waits_for_ever(monkeypatch):
+    from metadist.runtime.errors import ClusterError
+    from metadist.sweeps.driver import trial_bundles, trials_at_once
+
+    monkeypatch.chdir(ROOT)
+    path = ROOT / "jobs/sweeps/sine-collective-debug.yaml"
+    plan = plan_sweep(load_sweep(path), path)
+    assert plan.job["runtime"]["executor"] == "collective"
+    # The trial's own bundle only: Ray Train places the ranks (0.9 CPU each) in a group of its own.
+    assert trial_bundles(plan) == [{"CPU": 0.1}]
+    two_cpus = {"CPU": 2.0}
+    assert trials_at_once(plan, two_cpus) == 1  # 0.1 + 2 x 0.9: one trial and its ranks at a time
+    one_rank = plan_sweep(load_sweep(path, ["runtime.workers=1"]), path)
+    assert trials_at_once(one_rank, two_cpus) == 2  # 0.1 + 0.9, twice
+    assert trials_at_once(plan_sweep(load_sweep(path, ["concurrent=3"]), path), two_cpus) == 3  # asked for
+    gpu = plan_sweep(load_sweep(path, ["runtime.gpus_per_worker=1", "runtime.device=cuda"]), path)
+    assert trials_at_once(gpu, {"CPU": 64.0, "GPU": 5.0}) == 2  # the GPUs bound it: 2 ranks of 1 GPU each
+    assert trials_at_once(plan_sweep(load_sweep(DEBUG), DEBUG), two_cpus) is None  # actors: Tune sees them
+    # 1 + 2 x 1 CPU on 2 CPUs could never start: one error before any trial does.
+    big = plan_sweep(load_sweep(path, ["trial_cpus=1", "runtime.cpus_per_worker=1"]), path)
+    with pytest.raises(ClusterError, match="a collective trial asks for 3 CPU .* the Ray cluster has 2 CPU"):
+        trials_at_once(big, two_cpus)
+
+
+def test_the_limit_on_running_trials_reaches_the_searcher(monkeypatch):
+    # Tune ignores max_concurrent_trials for its variant generator (it only warns): the limit is given
+    # to the searcher itself.
+    from metadist.sweeps.driver import search_algorithm
+
+    monkeypatch.chdir(ROOT)
+    plan = plan_sweep(load_sweep(DEBUG), DEBUG)
+    assert search_algorithm(plan, 2).max_concurrent == 2
+    assert search_algorithm(plan).max_concurrent == 0  # no limit
+
+
 def test_optuna_search_is_built_when_installed(monkeypatch):
     pytest.importorskip("optuna")
     from metadist.sweeps.driver import search_algorithm
@@ -120,6 +155,8 @@ def test_optuna_search_is_built_when_installed(monkeypatch):
     monkeypatch.chdir(ROOT)
     plan = plan_sweep(load_sweep(DEBUG, ["search=optuna"]), DEBUG)
     assert type(search_algorithm(plan)).__name__ == "OptunaSearch"
+    limited = search_algorithm(plan, 2)
+    assert type(limited.searcher).__name__ == "OptunaSearch" and limited.max_concurrent == 2
 
 
 def _trial(i, status, outcome_, value=None, steps=300, **params):
