@@ -22,6 +22,13 @@ mkdir -p "$STATE"
 RAY="${RAY:-$(command -v ray || echo "$(dirname "$0")/../.venv/bin/ray")}"
 # Jobs on this head run `python -m metadist.cli`: the Python that has this Ray (and metadist's deps).
 export PATH="$(cd "$(dirname "$RAY")" && pwd):$PATH"
+# Where the jobs on this head write when they name no place of their own: a job runs in Ray's temporary
+# copy of its working directory, which Ray deletes, so ./runs and ./mlflow.db there would be lost. The
+# head's processes, and so its jobs, inherit these; by default the folder this script runs from, as
+# `metadist train` run here would use.
+METADIST_OUT_DIR="$(realpath -m "${METADIST_OUT_DIR:-$PWD/runs}")"
+export METADIST_OUT_DIR
+export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlflow.db}"
 
 "$RAY" start --head \
   --node-ip-address=127.0.0.1 --port="${RAY_PORT:-6379}" \
@@ -35,5 +42,8 @@ cat > "$STATE/head.env" <<ENV
 RAY_ADDRESS=127.0.0.1:${RAY_PORT:-6379}
 DASHBOARD=http://127.0.0.1:${RAY_DASHBOARD_PORT:-8265}
 TEMP_DIR=$STATE/ray
+METADIST_OUT_DIR=$METADIST_OUT_DIR
+MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI
 ENV
 echo "head up: submit with  metadist submit JOB.yaml --address http://127.0.0.1:${RAY_DASHBOARD_PORT:-8265}"
+echo "jobs that name no output folder or MLflow store write runs under $METADIST_OUT_DIR and record to $MLFLOW_TRACKING_URI"

@@ -4,11 +4,13 @@ The job's entrypoint is `python -m metadist.cli train JOB --no-progress [--set .
 `python -m metadist.cli tune SWEEP [--set ...]`), run in an uploaded copy of the working directory. Inside the job, `runtime.executor: ray` joins the cluster the job runs
 on.
 
-MLflow: a cluster that sets its own MLFLOW_TRACKING_URI on its nodes (a KubeRay pod's ConfigMap) keeps
-it: the submitter's store may be a laptop's port-forward or SQLite file the cluster cannot reach. A
-cluster without one (a local head) records to the submitter's store, passed as
-METADIST_SUBMITTER_TRACKING_URI, so the run shows up where the user looks. `--tracking-uri` overrides
-both. Credentials never travel with the job: the cluster's nodes hold their own.
+MLflow: a cluster that sets its own MLFLOW_TRACKING_URI on its nodes (a KubeRay pod's ConfigMap, the
+local head of cluster/start-head.sh) keeps it: the submitter's store may be a laptop's port-forward or
+SQLite file the cluster cannot reach. A cluster without one records to the submitter's store, passed
+as METADIST_SUBMITTER_TRACKING_URI, so the run shows up where the user looks. `--tracking-uri`
+overrides both. Credentials never travel with the job: the cluster's nodes hold their own. The run
+folder is the job's `train.out_dir`, else the cluster's METADIST_OUT_DIR (`metadist.store_uri`): never
+Ray's copy of the uploaded folder, in which the job runs.
 
 Token authentication (on by default for Ray's local clusters): where a token is available
 (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and RAY_AUTH_MODE is unset, token mode is
