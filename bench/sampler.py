@@ -13,7 +13,7 @@ For each, in one process on one core (torch.set_num_threads(1)):
 Rates are per second of the process's CPU time (user and system), measured interleaved over rounds,
 and the median of each kept, so that a machine shared with other work changes them little. `index` with `data.cache: decoded` is shown too (memory copies once warm).
 
-    python bench/sampler.py [--dir data] [--rounds 5] [--seconds 1.0]
+    python bench/sampler.py [--dir data] [--rounds 3] [--seconds 1.0]
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def measure(root: Path, spec: dict, rounds: int, seconds: float) -> list[dict]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", default="data", help="where the image sets are (or are written)")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=1.0, help="per measurement and round")
     ap.add_argument("--workers", type=int, default=2, help="encoding processes for synth")
     args = ap.parse_args(argv)
