@@ -362,7 +362,7 @@ def print_steps(res: dict) -> dict:
         elif w == 1:
             note = f"overhead {100 * (m['step_s'] / local - 1):+.1f}% | - | -"
         else:  # T_local / T_W = (C_local / C_W) (C_W / T_W), as T_local is all compute
-            note = (f"{100 * eff[k]:.0f}% | {100 * med['local']['compute_s'] / m['compute_s']:.0f}% | "
+            note = (f"{100 * eff[k]:.1f}% | {100 * med['local']['compute_s'] / m['compute_s']:.1f}% | "
                     f"{100 * m['compute_s'] / m['step_s']:.1f}%")
         print(f"| {names[k]} | {w} | {b * w} | {m['step_s']:.4g} | {m['compute_s']:.4g} | {ms(m['comm_s'])} | "
               f"{b * w / m['step_s']:.2f} | {note} |")
@@ -440,7 +440,7 @@ def print_goals(eff: dict | None, rows: list[dict], config: str) -> None:
     print("\n### Goals (ratios within this run)\n\n| goal | measured | met |\n|---|---|---|")
     if eff is not None and config == "conv4":  # the goal is set for Conv-4
         for k, label in (("ray W=2", "ray"), ("collective W=2", "collective")):
-            print(f"| {config}, W=2: scaling efficiency of `{label}` >= 85% | {100 * eff[k]:.0f}% | "
+            print(f"| {config}, W=2: scaling efficiency of `{label}` >= 85% | {100 * eff[k]:.1f}% | "
                   f"{'yes' if eff[k] >= 0.85 else 'no'} |")
     if RESNET12 in by:
         r = by[RESNET12]
