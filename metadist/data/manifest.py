@@ -46,8 +46,8 @@ class Manifest:
         self.local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
         # Per row: the shard's index in self.shards, and the byte range, as plain arrays for fast reads.
         names, inverse = np.unique(self.samples["shard"], return_inverse=True)
-        position = {name: i for i, name in enumerate(self.shards["shard"])}
-        self.shard_index = np.asarray([position.get(n, -1) for n in names.tolist()], dtype=np.int64)[inverse]
+        self.position = {name: i for i, name in enumerate(self.shards["shard"])}  # shard name -> index
+        self.shard_index = np.asarray([self.position.get(n, -1) for n in names.tolist()], dtype=np.int64)[inverse]
         if (self.shard_index < 0).any():
             raise DataError(f"{self.root}/manifest.parquet lists samples in shards that shards.parquet does not "
                             f"have; write the manifest again (`metadist data convert`)")
@@ -106,6 +106,16 @@ class Manifest:
                         h.update(block)
                 if h.hexdigest() != digest:
                     raise DataError(f"shard {url}: content hash differs from the manifest's; the shard changed")
+
+    def shard_rows(self, index: int) -> np.ndarray:
+        """The rows of shard `index` (of self.shards), in file order."""
+        order, starts = self._by_shard
+        return order[starts[index]:starts[index + 1]]
+
+    @cached_property
+    def _by_shard(self) -> tuple[np.ndarray, np.ndarray]:
+        order = np.lexsort((self.offset, self.shard_index))
+        return order, np.searchsorted(self.shard_index[order], np.arange(len(self.shards["shard"]) + 1))
 
     def read(self, rows: np.ndarray, keep: bool = True) -> list[bytes]:
         """The stored image bytes of manifest rows, sliced by tar offset out of each shard's buffer. With

@@ -57,18 +57,17 @@ def resolve_access(access: str, cache: str, manifest: Manifest, split: str = "tr
 
 
 def _episodes(pixels: np.ndarray, tasks: int, ways: int, need: int, shots: int) -> Episode:
-    """(tasks·ways·need, H, W, C) uint8 pixels in (task, class, image) order -> an Episode whose support
+    """(tasks·ways·need, C, H, W) uint8 pixels in (task, class, image) order -> an Episode whose support
     set is the first `shots` images of each class; labels are 0..ways-1 in class order."""
-    h, w, c = pixels.shape[1:]
-    t = torch.from_numpy(pixels).view(tasks, ways, need, h, w, c).permute(0, 1, 2, 5, 3, 4)
+    c, h, w = pixels.shape[1:]
+    t = torch.from_numpy(pixels).view(tasks, ways, need, c, h, w)
 
     def part(x: torch.Tensor, n: int) -> torch.Tensor:
-        # Reordered to (C, H, W) while still uint8 (a quarter of the bytes), then cast and scaled in place,
-        # into memory allocated by numpy, which asks Linux for huge pages: a fresh torch tensor of a
-        # meta-batch's size costs more in page faults than the conversion. Measured alternatives: a cast
-        # inside torch.div(..., out=) runs 4 times slower, a cast that also reorders 1.3 times.
+        # Cast, then scaled in place, into memory allocated by numpy, which asks Linux for huge pages: a
+        # fresh torch tensor of a meta-batch's size costs more in page faults than the conversion. (A
+        # cast inside torch.div(..., out=) runs 4 times slower.)
         out = torch.from_numpy(np.empty((tasks, ways, n, c, h, w), np.float32))
-        return out.copy_(x.contiguous()).div_(255.0).view(tasks, ways * n, c, h, w)
+        return out.copy_(x).div_(255.0).view(tasks, ways * n, c, h, w)
 
     labels = torch.arange(ways)
     return Episode(part(t[:, :, :shots], shots), labels.repeat_interleave(shots).repeat(tasks, 1),
@@ -83,10 +82,10 @@ def draw_rows(rng: np.random.Generator, classes: dict[int, np.ndarray], eligible
 
 
 class Pixels:
-    """Decodes a split's images into uint8 arrays (n, H, W, C); with cache `decoded`, each image once."""
+    """Decodes a split's images into uint8 arrays (n, C, H, W); with cache `decoded`, each image once."""
 
     def __init__(self, manifest: Manifest, split: str, channels: int, size: int, cache: str = "encoded"):
-        self.manifest, self.shape = manifest, (size, size, channels)
+        self.manifest, self.channels, self.size = manifest, channels, size
         rows = manifest.rows(split)
         self.formats = pil_formats(np.unique(manifest.samples["ext"][rows]))
         self.where = f"{split} shards of {manifest.root}"
@@ -96,11 +95,18 @@ class Pixels:
             self._slot = np.full(len(manifest.offset), -1, dtype=np.int64)
             self._slot[rows] = np.arange(len(rows))
             # np.empty commits no memory until an image is decoded into its slot.
-            self._cache = np.empty((len(rows), *self.shape), np.uint8)
+            self._cache = np.empty((len(rows), channels, size, size), np.uint8)
             self._done = np.zeros(len(rows), dtype=bool)
 
     def decode(self, blobs: list) -> np.ndarray:
-        return decode_into(pixel_batch(len(blobs), self.shape[0], self.shape[2]), blobs, self.where, self.formats)
+        hwc = decode_into(pixel_batch(len(blobs), self.size, self.channels), blobs, self.where, self.formats)
+        if self.channels == 1:
+            return hwc.reshape(len(blobs), 1, self.size, self.size)  # the same bytes: no copy
+        # Reordered while still uint8, a quarter of the float tensor's bytes (torch's strided copy runs
+        # twice as fast as numpy's here).
+        out = np.empty((len(blobs), self.channels, self.size, self.size), np.uint8)
+        torch.from_numpy(out).copy_(torch.from_numpy(hwc).permute(0, 3, 1, 2))
+        return out
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
         """The pixels of manifest rows, in order."""
@@ -175,12 +181,14 @@ def stream_shortfall(manifest: Manifest, split: str, *, ways: int, shots: int, q
         return (f"data.access=stream: {world} workers but {len(shards)} {split} shard(s) in {manifest.root}: "
                 f"worker {len(shards)} would get none; use data.access: index, fewer workers, or smaller shards "
                 f"(--shard-mb)")
-    position = {manifest.shards["shard"].index(s): k for k, s in enumerate(shards)}
+    rank_of_shard = np.full(len(manifest.shards["shard"]), -1, dtype=np.int64)
+    rank_of_shard[[manifest.position[s] for s in shards]] = np.arange(len(shards)) % world
     rows = manifest.rows(split)
-    rank = np.asarray([position[s] for s in manifest.shard_index[rows].tolist()]) % world
-    pairs = rank * (int(manifest.samples["class_id"].max()) + 1) + manifest.samples["class_id"][rows]
-    keys, counts = np.unique(pairs, return_counts=True)
-    enough = np.bincount(keys[counts >= need] // (int(manifest.samples["class_id"].max()) + 1), minlength=world)
+    classes = int(manifest.samples["class_id"].max()) + 1
+    # Images per (worker, class), as one count over worker·classes + class.
+    keys, counts = np.unique(rank_of_shard[manifest.shard_index[rows]] * classes + manifest.samples["class_id"][rows],
+                             return_counts=True)
+    enough = np.bincount(keys[counts >= need] // classes, minlength=world)
     worst = int(np.argmin(enough))
     if enough[worst] >= ways:
         return None
@@ -202,12 +210,7 @@ class StreamingEpisodes:
                             f"{manifest.root}: use fewer workers, write smaller shards, or use data.access: index")
         self.manifest, self.split, self.shards = manifest, split, mine
         self.ways, self.seed, self.rank, self.buffer_per_class = ways, seed, rank, buffer_per_class
-        index = [manifest.shards["shard"].index(s) for s in mine]
-        rows = manifest.rows(split)
-        # Each shard's samples in file order: a pass reads every shard front to back.
-        self._shard_rows = {i: (r := rows[manifest.shard_index[rows] == i])[np.argsort(manifest.offset[r], kind="stable")]
-                            for i in index}
-        self._index = index
+        self._index = [manifest.position[s] for s in mine]
         self._class = manifest.samples["class_id"].astype(np.int64)
         self.pixels = Pixels(manifest, split, channels, size)
         self.rng = np.random.default_rng([seed, rank, 7])
@@ -222,7 +225,7 @@ class StreamingEpisodes:
         """The manifest rows of one pass: this worker's shards in a per-epoch order, each front to back."""
         order = list(self._index)
         np.random.default_rng([self.seed, self.rank, epoch]).shuffle(order)
-        return np.concatenate([self._shard_rows[i] for i in order])
+        return np.concatenate([self.manifest.shard_rows(i) for i in order])  # each shard front to back
 
     def _store(self, rows: np.ndarray) -> None:
         """Append the bytes of `rows` (in stream order) to their classes' buffers."""
