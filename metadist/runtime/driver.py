@@ -13,8 +13,8 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from functools import partial
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
