@@ -251,19 +251,18 @@ class Peer:
 def driver_reduce(echos, flat: torch.Tensor, numpy: bool) -> float:
     """One step's communication on the driver path: put once, every worker's round trip, the driver's sum."""
     start = time.perf_counter()
-    if numpy:
-        ref = ray.put(flat.numpy())
-        outs = ray.get([e.call_np.remote(ref) for e in echos])
-        total = readonly_view(outs[0]).clone()  # as RayExecutor.compute: the buffers are read in place
-        for out in outs[1:]:
-            total.add_(readonly_view(out))
-    else:
-        ref = ray.put(flat)
-        outs = ray.get([e.call.remote(ref) for e in echos])
-        total = outs[0]  # torch results arrive as writable copies
-        for out in outs[1:]:
-            total.add_(out)
+    ref = ray.put(flat.numpy() if numpy else flat)
+    driver_sum(ray.get([(e.call_np if numpy else e.call).remote(ref) for e in echos]), numpy)
     return time.perf_counter() - start
+
+
+def driver_sum(outs: list, numpy: bool) -> torch.Tensor:
+    """The driver's sum of the workers' results: numpy buffers read in place, as RayExecutor.compute does;
+    torch tensors, which arrive as writable copies, added into the first."""
+    total = readonly_view(outs[0]).clone() if numpy else outs[0]
+    for out in outs[1:]:
+        total.add_(readonly_view(out) if numpy else out)
+    return total
 
 
 def driver_serial(echos, flat: torch.Tensor, numpy: bool, results: int = 8) -> float:
@@ -276,15 +275,7 @@ def driver_serial(echos, flat: torch.Tensor, numpy: bool, results: int = 8) -> f
     submit = time.perf_counter() - start
     ray.wait(refs, num_returns=len(refs))
     start = time.perf_counter()
-    outs = ray.get(refs)
-    if numpy:
-        total = readonly_view(outs[0]).clone()
-        for out in outs[1:]:
-            total.add_(readonly_view(out))
-    else:
-        total = outs[0]
-        for out in outs[1:]:
-            total.add_(out)
+    driver_sum(ray.get(refs), numpy)
     return (submit + time.perf_counter() - start) / results
 
 
@@ -292,8 +283,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
 
 
 def bench_transports(sizes: list[int], repeats: int, log) -> list[dict]:
