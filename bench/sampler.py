@@ -11,7 +11,8 @@ For each, in one process on one core (torch.set_num_threads(1)):
 - `index` and `stream` sampling: meta-batches of 8 5-way 1-shot 15-query episodes (80 images each) as a
   worker draws them, float tensors out, in images/s and episodes/s, and the ratio to both figures.
 Rates are per second of the process's CPU time (user and system), measured interleaved over rounds,
-and the median of each kept, so that a machine shared with other work changes them little. `index` with `data.cache: decoded` is shown too (memory copies once warm).
+and the median of each kept, so that a machine shared with other work changes them little. `index`
+with `data.cache: decoded` is shown too: once every image is decoded, a draw is a gather and a cast.
 
     python bench/sampler.py [--dir data] [--rounds 3] [--seconds 1.0]
 """
