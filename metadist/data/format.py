@@ -91,7 +91,10 @@ class _Direct:
         """Decode `data` into `slot` (H, W, 1 or 4), or leave it to Pillow's reader (False)."""
         if not self.usable:
             return False
-        info = _png(data) if data[:4] == b"\x89PNG" else _jpeg(data)
+        try:
+            info = _png(data) if data[:4] == b"\x89PNG" else _jpeg(data)
+        except struct.error:  # a header cut short: Pillow's reader names the problem
+            return False
         if info is None or info[:3] != (*self.size, self.want):
             return False
         name, args = info[4]

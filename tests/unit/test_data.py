@@ -292,5 +292,7 @@ def test_the_direct_decoder_gives_pillows_pixels_and_falls_back_for_the_rest():
             with Image.open(io.BytesIO(blob)) as img:
                 want = np.asarray(img.convert(mode).resize((12, 12), Image.Resampling.BILINEAR))
             assert np.array_equal(got, want.reshape(12, 12, channels))
-    with pytest.raises(DataError, match="somewhere: cannot decode image"):
-        decode_into(pixel_batch(1, 12, 3), [encoded(Image.fromarray(rgb), "JPEG")[:200]], "somewhere")
+    for cut in (encoded(Image.fromarray(rgb), "JPEG")[:200], encoded(Image.fromarray(rgb), "PNG")[:20],
+                encoded(Image.fromarray(rgb), "JPEG")[:25]):  # data, or a header, cut short
+        with pytest.raises(DataError, match="somewhere: cannot decode image"):
+            decode_into(pixel_batch(1, 12, 3), [cut], "somewhere")
