@@ -230,12 +230,15 @@ class StreamingEpisodes:
     def _store(self, rows: np.ndarray) -> None:
         """Append the bytes of `rows` (in stream order) to their classes' buffers."""
         m, buffers, ready, need = self.manifest, self.buffers, self._ready, self._need
-        held, buf = self._held
+        # A remote shard's bytes are held here between calls; a local shard's map is asked for again, as
+        # the manifest may have closed it since (it keeps at most _OPEN maps).
+        held, buf = self._held if not m.local else (-1, b"")
         for s, o, n, c in zip(m.shard_index[rows].tolist(), m.offset[rows].tolist(), m.size[rows].tolist(),
                               self._class[rows].tolist()):
             if s != held:
                 held, buf = s, m.buffer(s, keep=False)
-                self._held = (held, buf)
+                if not m.local:
+                    self._held = (held, buf)
             b = buffers.get(c)
             if b is None:
                 b = buffers[c] = deque(maxlen=self.buffer_per_class)

@@ -296,3 +296,21 @@ def test_the_direct_decoder_gives_pillows_pixels_and_falls_back_for_the_rest():
                 encoded(Image.fromarray(rgb), "JPEG")[:25]):  # data, or a header, cut short
         with pytest.raises(DataError, match="somewhere: cannot decode image"):
             decode_into(pixel_batch(1, 12, 3), [cut], "somewhere")
+
+
+def test_readers_give_the_same_episodes_when_the_manifest_keeps_one_shard_mapped(dataset, monkeypatch):
+    from metadist.data import manifest as manifest_module
+
+    def draws():
+        m = Manifest(dataset)
+        shape = dict(ways=3, channels=3, size=20, seed=0)
+        stream, index = StreamingEpisodes(m, "train", **shape), IndexEpisodes(m, "train", **shape)
+        out = []
+        for step in range(6):  # interleaved, so each reader's shard is unmapped by the other's reads
+            out += [stream.sample(step, range(2), 1, 2).xq, index.sample(step, range(2), 1, 2).xq,
+                    fixed_episodes(m, "val", 2, ways=3, shots=1, query=2, channels=3, size=20, seed=0).xq]
+        return out
+
+    wide = draws()
+    monkeypatch.setattr(manifest_module, "_OPEN", 1)
+    assert all(torch.equal(a, b) for a, b in zip(wide, draws()))
