@@ -19,11 +19,12 @@ Training episodes reach the images in one of two ways (`data.access`):
   `stream_shortfall` checks before training that every worker's shards can form an episode.
 
 Both read an image's bytes by its manifest offset (no tar parsing; no member other than the image is
-ever read), decode a meta-batch into one preallocated uint8 array and turn it into float tensors in one
-pass per tensor: per image, only the decode itself is left in Python's hands.
+ever read), decode a meta-batch with Pillow's C decoders straight into one uint8 array
+(`format.decode_into`) and turn it into float tensors with a few whole-batch operations: per image,
+little but the decode itself is left in Python's hands.
 
 Evaluation (`fixed_episodes`): a fixed list drawn by index from (seed, split), so every run and algorithm
-is scored on the same episodes.
+is scored on the same episodes (the same, bit for bit, as before the direct decoder).
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from metadist.data.format import DataError, decode_into, pil_formats, pixel_batc
 from metadist.data.manifest import Manifest
 from metadist.episode import Episode, episode_range
 
-ACCESS = ("auto", "index", "stream")
 INDEX_AUTO_BYTES = 2 * 1024 ** 3
 """`auto` draws remote datasets by index when their train shards total at most this (each worker then
 holds them in memory); local datasets always (the page cache holds them, or they are read from disk)."""
