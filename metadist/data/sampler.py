@@ -24,7 +24,7 @@ ever read), decode a meta-batch with Pillow's C decoders straight into one uint8
 little but the decode itself is left in Python's hands.
 
 Evaluation (`fixed_episodes`): a fixed list drawn by index from (seed, split), so every run and algorithm
-is scored on the same episodes (the same, bit for bit, as before the direct decoder).
+is scored on the same episodes.
 """
 
 from __future__ import annotations
