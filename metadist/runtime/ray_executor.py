@@ -33,6 +33,7 @@ from rich.console import Console
 
 from metadist.algorithms.spec import InnerSpec
 from metadist.config import Config, from_dict, to_dict
+from metadist.errors import UserError
 from metadist.evaluation import join_curves
 from metadist.runtime import cluster
 from metadist.runtime.errors import ClusterError
@@ -223,6 +224,10 @@ class RayExecutor:
             except ray.exceptions.RayActorError as err:
                 self._replace(rank, err)
                 pending[submit(self.actors[rank], share)] = (rank, share)
+            except ray.exceptions.RayTaskError as err:
+                if isinstance(err.cause, UserError):  # bad data, say: the user's one line, not Ray's traceback
+                    raise err.cause from None
+                raise
         return results
 
     def _flat(self, params: Tensors) -> np.ndarray:

@@ -119,6 +119,30 @@ def test_evaluation_on_the_workers_is_the_one_process_evaluation(clean):
         clean.model.load_state_dict({**clean.model.state_dict(), **trained})
 
 
+def test_a_corrupt_image_met_on_a_worker_is_the_users_one_line_error(synth, tmp_path, local_ray):
+    # Every train image's bytes overwritten in place (the shards keep their sizes, so `verify: size` passes):
+    # the worker that decodes one raises the data error, which the driver raises as itself, not as Ray's
+    # task error with the worker's traceback.
+    import numpy as np
+    import shutil
+
+    from metadist.data.format import DataError
+    from metadist.data.manifest import Manifest
+
+    bad = tmp_path / "bad"
+    shutil.copytree(synth, bad)
+    m = Manifest(bad)
+    for row in m.rows("train"):
+        with open(bad / m.samples["shard"][row], "r+b") as fh:
+            fh.seek(int(m.samples["offset"][row]))
+            fh.write(np.full(int(m.samples["size"][row]), 7, np.uint8).tobytes())
+    trainer = Trainer(_cfg("maml", bad, tmp_path, *SHORT))
+    with pytest.raises(DataError, match="cannot decode image") as err:
+        trainer.fit(progress=False)
+    # Ray's error is also an instance of the cause's class, and its text holds the worker's traceback.
+    assert type(err.value) is DataError and "\n" not in str(err.value)
+
+
 def test_killed_worker_recomputes_the_same_tasks(synth, tmp_path, clean):
     cfg = _cfg("maml", synth, tmp_path, *SHORT)
     killed = []
