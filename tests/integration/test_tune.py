@@ -46,18 +46,19 @@ def _children(client: MlflowClient, parent):
 @pytest.mark.slow
 def test_debug_sweep_with_a_diverging_trial(tmp_path, mlflow_store):
     out = tmp_path / "sweeps"
-    # 2 samples x a 2-value grid = 4 trials; inner lr 1000 diverges at the first step. Short trials
-    # (100 steps, a report every 25, ASHA's first rung at 50) keep the sweep's every path in a minute.
-    res = _tune([SWEEP, "--set", "samples=2", "--set", "space.inner.lr={grid: [0.003, 1000.0]}",
+    # A 2-value grid, two trials at once; inner lr 1000 diverges at the first step. Short trials (100
+    # steps, a report every 25, ASHA's first rung at 50) keep the sweep's every path in a minute. (ASHA
+    # stopping a trial is tested with collective trials, in test_submit.py, where its order is fixed.)
+    res = _tune([SWEEP, "--set", "samples=1", "--set", "space.inner.lr={grid: [0.003, 1000.0]}",
                  "--set", f"out_dir={out}", *SHORT, "--set", "scheduler.grace_period=50"])
     assert res.returncode == 0, res.stderr[-4000:]
     assert "Traceback" not in res.stderr
     folder = _sweep_dir(out)
 
     table = pq.read_table(folder / "results.parquet").to_pandas()
-    assert len(table) == 4 and table["trial"].is_unique
+    assert len(table) == 2 and table["trial"].is_unique
     diverged = table[table["outcome"] == "diverged"]
-    assert len(diverged) == 2 and (diverged["inner.lr"] == 1000.0).all()
+    assert len(diverged) == 1 and (diverged["inner.lr"] == 1000.0).all()
     sane = table[table["inner.lr"] < 1]
     assert set(sane["outcome"]) <= {"finished", "stopped"} and (sane["outcome"] == "finished").any()
     assert (sane["val_mse"] < 10).all()
@@ -68,14 +69,14 @@ def test_debug_sweep_with_a_diverging_trial(tmp_path, mlflow_store):
     (parent,) = client.search_runs([client.get_experiment_by_name("sine-debug").experiment_id],
                                    filter_string="tags.`metadist.kind` = 'sweep'")
     assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["trials_diverged"] == 2 and parent.data.metrics["best_val_mse"] < 10
+    assert parent.data.metrics["trials_diverged"] == 1 and parent.data.metrics["best_val_mse"] < 10
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.parquet", "best.yaml", "sweep.yaml", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert plots == {"plots/learning_curves.png", "plots/val_mse_vs_inner.lr.png"}
 
     children = _children(client, parent)
-    assert len(children) == 4
+    assert len(children) == 2
     by_trial = {c.data.tags["metadist.trial_id"]: c for c in children}
     assert set(by_trial) == set(table["trial"])
     for row in table.to_dict("records"):
