@@ -21,6 +21,7 @@ once the group is done. A retried or resumed trial continues from the checkpoint
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -108,7 +109,8 @@ def run_trial(config: dict, context: TrialContext) -> None:
             summary = trainer.fit(progress=False)
     except TrainingDiverged as err:
         # NaN: searchers read it as a failed trial (Optuna needs the key in every report), ASHA skips it.
-        tune.report({"steps_done": trainer.step, "outcome": "diverged", metric: math.nan, "error": str(err)[:300]})
+        steps = max(trainer.step, _steps_by_rank0(run_dir)) if collective else trainer.step
+        tune.report({"steps_done": steps, "outcome": "diverged", metric: math.nan, "error": str(err)[:300]})
         return
     final = _metrics(trainer, "finished")
     report_ = summary["eval"]
@@ -117,6 +119,17 @@ def run_trial(config: dict, context: TrialContext) -> None:
     final[f"eval_{report_['metric']}"] = report_["rows"][-1]["mean"]
     final["mlflow_run_id"] = tracker.run_id
     tune.report(_finite(final))
+
+
+def _steps_by_rank0(run_dir: Path) -> int:
+    """The steps a collective group has completed (its ranks ran them, not this process): rank 0's count
+    in the progress file it replaces each step, 0 if it wrote none."""
+    from metadist.runtime.collective import PROGRESS
+
+    try:
+        return int(json.loads((run_dir / PROGRESS).read_text())["step"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return 0
 
 
 def _validated(trainer: Trainer, metric: str) -> bool:

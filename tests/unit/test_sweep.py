@@ -137,6 +137,16 @@ def test_collective_trials_are_sized_so_that_a_sweep_on_two_cpus_never_waits_for
         trials_at_once(big, two_cpus)
 
 
+def test_a_diverged_collective_trial_reports_the_steps_its_ranks_ran(tmp_path):
+    # Its driver ran none: rank 0's progress file has the count (the table's "at step").
+    from metadist.runtime.collective import PROGRESS
+    from metadist.sweeps.trial import _steps_by_rank0
+
+    assert _steps_by_rank0(tmp_path) == 0
+    (tmp_path / PROGRESS).write_text('{"step": 150, "loss": NaN}')
+    assert _steps_by_rank0(tmp_path) == 150
+
+
 def test_the_limit_on_running_trials_reaches_the_searcher(monkeypatch):
     # Tune ignores max_concurrent_trials for its variant generator (it only warns): the limit is given
     # to the searcher itself.
