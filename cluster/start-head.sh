@@ -29,6 +29,9 @@ export PATH="$(cd "$(dirname "$RAY")" && pwd):$PATH"
 METADIST_OUT_DIR="$(realpath -m "${METADIST_OUT_DIR:-$PWD/runs}")"
 export METADIST_OUT_DIR
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlflow.db}"
+# A collective group with a hung rank is restarted after this wait for its process group's shutdown,
+# not Ray Train's default 30 s (read by Ray Train's controller, which runs on the job's node: here).
+export TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S="${TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S:-10}"
 
 "$RAY" start --head \
   --node-ip-address=127.0.0.1 --port="${RAY_PORT:-6379}" \

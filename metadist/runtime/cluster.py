@@ -17,15 +17,11 @@ from metadist.runtime.errors import ClusterError
 # Seconds Ray Train waits for a failed collective group's ranks to shut their process group down before
 # it restarts the group. Its default, 30, is pure loss when a rank hangs (stopped, or stuck in a
 # collective): that rank never answers. A healthy group shuts down in well under a second. The
-# variable is read by Ray Train's controller, which inherits it from the job's runtime environment.
+# variable is read by Ray Train's controller, which inherits the environment of the Ray it runs in: a
+# local Ray started here gets it from this process; cluster/start-head.sh and the cluster files set it
+# on a head. (A job-level runtime_env would carry it too, but then no worker could come from Ray's pool
+# of prestarted workers: every actor and trial would start a process of its own.)
 SHUTDOWN_TIMEOUT = ("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "10")
-
-
-def _job_env() -> dict | None:
-    """The runtime environment of this process's Ray job: the bounded shutdown timeout, unless this
-    process's environment has one (the user's, or a submitted job's env_vars), which Ray passes on."""
-    name, default = SHUTDOWN_TIMEOUT
-    return None if name in os.environ else {"env_vars": {name: default}}
 
 
 def connect(address: str | None, *, key: str = "runtime.address", num_cpus: int | None = None,
@@ -42,17 +38,18 @@ def connect(address: str | None, *, key: str = "runtime.address", num_cpus: int 
     if address:
         check_reachable(address, key)
         try:
-            ray.init(address=address, configure_logging=False, log_to_driver=log_to_driver, runtime_env=_job_env())
+            ray.init(address=address, configure_logging=False, log_to_driver=log_to_driver)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise ClusterError(f"{key}={address!r}: could not join the Ray cluster "
                                f"({str(err).splitlines()[0][:300]})") from None
         return False
     # address="local": a new instance, as `runtime.address` documents, never a cluster that `ray start`
     # left running on this machine (which a bare ray.init() would join).
+    os.environ.setdefault(*SHUTDOWN_TIMEOUT)  # before the raylet starts: its workers inherit it
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, num_gpus=num_gpus,
              object_store_memory=object_store_mb * 1024 * 1024 if object_store_mb else None,
              include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False,
-             log_to_driver=log_to_driver, runtime_env=_job_env())
+             log_to_driver=log_to_driver)
     return True
 
 
