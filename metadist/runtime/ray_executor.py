@@ -87,6 +87,17 @@ class MetaWorker:
         return {"rank": self.rank, "pid": os.getpid(), "node": socket.gethostname(), **self.shard.describe()}
 
 
+def _get(ref):
+    """`ray.get`, except that a user error a worker raised (bad data, say) is raised as itself: the user's
+    one line, not Ray's task error carrying the worker's traceback."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, UserError):
+            raise err.cause from None
+        raise
+
+
 def connect_for(cfg: Config, dashboard: bool = False) -> bool:
     """Connect to the configured cluster, or start a local Ray sized for the workers; True if started here."""
     rt = cfg.runtime
@@ -180,7 +191,7 @@ class RayExecutor:
         """`auto`, resolved once for the run: worker 0 times both modes on its share of step `step`, on
         its own device, and every worker then runs the mode it chose."""
         share = split_tasks(tasks, len(self.actors))[0]
-        return ray.get(self.actors[0].choose_task_parallel.remote(self._flat(params), step, spec, share))
+        return _get(self.actors[0].choose_task_parallel.remote(self._flat(params), step, spec, share))
 
     def compute(self, params: Tensors, step: int, spec: InnerSpec, tasks: int) -> StepResult:
         start = time.perf_counter()
@@ -220,14 +231,10 @@ class RayExecutor:
             done, _ = ray.wait(list(pending), num_returns=1)
             rank, share = pending.pop(done[0])
             try:
-                results[rank] = ray.get(done[0])
+                results[rank] = _get(done[0])
             except ray.exceptions.RayActorError as err:
                 self._replace(rank, err)
                 pending[submit(self.actors[rank], share)] = (rank, share)
-            except ray.exceptions.RayTaskError as err:
-                if isinstance(err.cause, UserError):  # bad data, say: the user's one line, not Ray's traceback
-                    raise err.cause from None
-                raise
         return results
 
     def _flat(self, params: Tensors) -> np.ndarray:
