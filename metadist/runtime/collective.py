@@ -335,7 +335,7 @@ def fit(trainer, progress: bool = True, callbacks: tuple = ()) -> dict:
                 tracker.run_id = (run_dir / RUN_ID).read_text().strip()
                 tracker.fail(err)
             raise ClusterError(f"the collective group failed after runtime.max_worker_restarts="
-                               f"{rt.max_worker_restarts} restarts: {str(err).splitlines()[0][:300]}") from None
+                               f"{rt.max_worker_restarts} restarts: {_cause(err)}") from None
     finally:
         if owns_ray:
             ray.shutdown()
@@ -350,6 +350,14 @@ def fit(trainer, progress: bool = True, callbacks: tuple = ()) -> dict:
     summary = json.loads((run_dir / SUMMARY).read_text())
     print_eval(summary["eval"], title=cfg.name, console=trainer.console)
     return summary
+
+
+def _cause(err: Exception) -> str:
+    """One line saying why Ray Train gave up. Its controller error puts the cause after a first line that
+    says only "Training failed due to controller error:", so the whole text is folded onto one line."""
+    inner = getattr(err, "controller_failure", None)
+    text = f"{type(inner).__name__}: {inner}" if inner is not None else str(err)
+    return " ".join(text.split())[:400]
 
 
 def _raise_user_error(run_dir: Path) -> None:
