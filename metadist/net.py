@@ -39,3 +39,10 @@ def unreachable(address: str, default_port: int | None = None, timeout: float = 
     except OSError as err:
         return Unanswered(host, port, str(err.strerror or err))
     return None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago: nothing listens on it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

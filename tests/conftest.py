@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from metadist.config import load_config
+from metadist.net import free_port  # noqa: F401  (the tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,13 +73,6 @@ def rel_err(a: dict, b: dict) -> float:
     return (num / den).item()
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago: nothing listens on it."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 

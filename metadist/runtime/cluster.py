@@ -11,7 +11,7 @@ import os
 
 import ray
 
-from metadist.net import unreachable
+from metadist.net import free_port, unreachable
 from metadist.runtime.errors import ClusterError
 
 # Seconds Ray Train waits for a failed collective group's ranks to shut their process group down before
@@ -22,6 +22,9 @@ from metadist.runtime.errors import ClusterError
 # on a head. (A job-level runtime_env would carry it too, but then no worker could come from Ray's pool
 # of prestarted workers: every actor and trial would start a process of its own.)
 SHUTDOWN_TIMEOUT = ("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "10")
+# A Ray started here is this one machine: none of its nodes can be preempted, and Ray Train's preemption
+# watcher would only be one more process to start (2 s of CPU here) for every collective group.
+NO_PREEMPTION = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def connect(address: str | None, *, key: str = "runtime.address", num_cpus: int | None = None,
@@ -45,11 +48,17 @@ def connect(address: str | None, *, key: str = "runtime.address", num_cpus: int 
         return False
     # address="local": a new instance, as `runtime.address` documents, never a cluster that `ray start`
     # left running on this machine (which a bare ray.init() would join).
-    os.environ.setdefault(*SHUTDOWN_TIMEOUT)  # before the raylet starts: its workers inherit it
+    for name, value in (SHUTDOWN_TIMEOUT, NO_PREEMPTION):  # before the raylet starts: its workers inherit them
+        os.environ.setdefault(name, value)
+    # A dashboard port of its own, even with no dashboard. Ray Train's placement-group cleaner asks the state
+    # API at the dashboard address this Ray records whether the run's controller still lives, and takes
+    # "not found" for dead. With the default, 8265, another Ray on this machine (a head, a second run, a
+    # sweep) answers there, knows nothing of this run, and the cleaner removes the run's placement group:
+    # its ranks die. On a free port the answer is this Ray's own, or none, and then the cleaner waits.
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, num_gpus=num_gpus,
              object_store_memory=object_store_mb * 1024 * 1024 if object_store_mb else None,
-             include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False,
-             log_to_driver=log_to_driver)
+             include_dashboard=dashboard, dashboard_host="127.0.0.1", dashboard_port=free_port(),
+             configure_logging=False, log_to_driver=log_to_driver)
     return True
 
 
