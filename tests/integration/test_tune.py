@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -43,72 +44,74 @@ def _children(client: MlflowClient, parent):
                               filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
 
 
+COLLECTIVE = "jobs/sweeps/sine-collective-debug.yaml"
+
+
 @pytest.mark.slow
-def test_debug_sweep_with_a_diverging_trial(tmp_path, mlflow_store):
+def test_collective_sweep_stops_the_worse_trial_and_records_a_diverged_one(tmp_path, mlflow_store):
     out = tmp_path / "sweeps"
-    # A 2-value grid, two trials at once; inner lr 1000 diverges at the first step. Short trials (100
-    # steps, a report every 25, ASHA's first rung at 50) keep the sweep's every path in a minute. (ASHA
-    # stopping a trial is tested with collective trials, in test_submit.py, where its order is fixed.)
-    res = _tune([SWEEP, "--set", "samples=1", "--set", "space.inner.lr={grid: [0.003, 1000.0]}",
-                 "--set", f"out_dir={out}", *SHORT, "--set", "scheduler.grace_period=50"])
+    # Three trials of 2 ranks each, one at a time on 2 CPUs (0.1 + 2 x 0.9), in grid order. Their
+    # validations reach Tune from rank 0 through Ray Train: ASHA records the first trial (inner lr 1e-5)
+    # at its rung (20 steps), then stops the second (inner lr 0.05, val MSE about 6.3 at step 20 against
+    # 3.8) at its first report. The third (inner lr 1000) diverges at its first step: its group ends at
+    # once, with no restart.
+    res = _tune([COLLECTIVE, "--set", "samples=1", "--set", "space.inner.lr={grid: [0.00001, 0.05, 1000.0]}",
+                 "--set", "space.inner.steps={choice: [1]}", "--set", "space.algorithm.name={choice: [maml]}",
+                 "--set", "train.steps=40", "--set", "report_every=20", "--set", "scheduler.grace_period=20",
+                 "--set", "eval.episodes=20", "--set", "eval.val_episodes=20", "--set", f"out_dir={out}"])
     assert res.returncode == 0, res.stderr[-4000:]
     assert "Traceback" not in res.stderr
     folder = _sweep_dir(out)
 
-    table = pq.read_table(folder / "results.parquet").to_pandas()
-    assert len(table) == 2 and table["trial"].is_unique
-    diverged = table[table["outcome"] == "diverged"]
-    assert len(diverged) == 1 and (diverged["inner.lr"] == 1000.0).all()
-    sane = table[table["inner.lr"] < 1]
-    assert set(sane["outcome"]) <= {"finished", "stopped"} and (sane["outcome"] == "finished").any()
-    assert (sane["val_mse"] < 10).all()
-    finished = table[table["outcome"] == "finished"]
-    assert (finished["steps"] == 100).all() and finished["eval_mse"].notna().all()
+    table = pq.read_table(folder / "results.parquet").to_pandas().set_index("inner.lr")
+    assert table.loc[0.00001, "outcome"] == "finished" and table.loc[0.00001, "steps"] == 40
+    assert table.loc[0.05, "outcome"] == "stopped" and table.loc[0.05, "steps"] == 20
+    assert table.loc[1000.0, "outcome"] == "diverged"
+    # The finished trial's reports: a validation from rank 0 (with the checkpoint Ray Train holds), then
+    # the final evaluation from the trial itself.
+    (results,) = [p for p in folder.glob("run_trial_*/result.json") if "inner_lr=0.0000" in p.parent.name]
+    reports = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["steps_done"], r["outcome"]) for r in reports] == [(20, "running"), (40, "finished")]
+    assert reports[0].get("checkpoint_path") and reports[1]["eval_mse"] > 0
+    (trial,) = [p for p in folder.glob("trials/*") if (p / "summary.json").exists()]
+    digests = json.loads((trial / "summary.json").read_text())["runtime"]["param_digests"]
+    assert len(digests) == 2 and len(set(digests)) == 1  # the ranks ended with bitwise the same parameters
+    (diverged,) = [p for p in folder.glob("trials/*") if (p / "error.json").exists()]
+    assert len((diverged / "group_starts").read_text().splitlines()) == 1  # no restart
 
     client = MlflowClient(mlflow_store)
-    (parent,) = client.search_runs([client.get_experiment_by_name("sine-debug").experiment_id],
+    (parent,) = client.search_runs([client.get_experiment_by_name("sine-collective-debug").experiment_id],
                                    filter_string="tags.`metadist.kind` = 'sweep'")
     assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["trials_diverged"] == 1 and parent.data.metrics["best_val_mse"] < 10
+    metrics = parent.data.metrics
+    assert (metrics["trials_finished"], metrics["trials_stopped"], metrics["trials_diverged"]) == (1, 1, 1)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.parquet", "best.yaml", "sweep.yaml", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert plots == {"plots/learning_curves.png", "plots/val_mse_vs_inner.lr.png"}
+    children = {c.data.params["inner.lr"]: c for c in _children(client, parent)}
+    done, stopped, bad = children["1e-05"], children["0.05"], children["1000.0"]
+    assert done.info.status == "FINISHED" and "test/metric" in done.data.metrics
+    assert done.data.params["runtime.executor"] == "collective" and done.data.tags["system.workers"] == "2"
+    assert len(client.get_metric_history(done.info.run_id, "val/mse")) == 2  # steps 20, 40
+    assert stopped.info.status == "KILLED" and "error" not in stopped.data.tags
+    assert stopped.data.tags["metadist.status"] == "stopped"
+    assert bad.info.status == "FAILED" and "not finite" in bad.data.tags["error"]
 
-    children = _children(client, parent)
-    assert len(children) == 2
-    by_trial = {c.data.tags["metadist.trial_id"]: c for c in children}
-    assert set(by_trial) == set(table["trial"])
-    for row in table.to_dict("records"):
-        child = by_trial[row["trial"]]
-        assert child.data.tags["metadist.status"] == row["outcome"]
-        assert float(child.data.params["inner.lr"]) == pytest.approx(row["inner.lr"])
-        if row["outcome"] == "diverged":
-            assert child.info.status == "FAILED" and "not finite" in child.data.tags["error"]
-        else:
-            history = client.get_metric_history(child.info.run_id, "val/mse")
-            assert len(history) == row["steps"] // 25  # one validation every report_every = 25 steps
-        if row["outcome"] == "finished":
-            assert child.info.status == "FINISHED" and "test/metric" in child.data.metrics
-        if row["outcome"] == "stopped":
-            assert child.info.status == "KILLED" and "error" not in child.data.tags
-
-    # The best job is ready to run: it loads, and it is the best finished trial's config.
+    # The best job is ready to run: it loads, and it is the finished trial's config.
     best = load_config(folder / "best.yaml")
-    top = finished.sort_values("val_mse").iloc[0]
-    assert best.inner.lr == pytest.approx(top["inner.lr"]) and best.inner.steps == top["inner.steps"]
-    assert best.runtime.executor == "ray" and best.tracking.uri is None
+    assert best.inner.lr == pytest.approx(0.00001) and best.runtime.executor == "collective"
+    assert best.tracking.uri is None
 
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, mlflow_store):
     out = tmp_path / "sweeps"
-    # 2 samples x 2 safe inner lrs = 4 trials, every one run to the end, two at a time. What is tested is
-    # the sweep's resume, so each trial trains in its own process (executor local, one CPU): the trials'
-    # worker actors are tested above.
-    args = [SWEEP, "--set", "samples=2", "--set", "space.inner.lr={grid: [0.001, 0.003]}", "--set",
+    # 3 safe inner lrs, every trial run to the end, two at a time: each trial's driver and its one worker
+    # actor take half a CPU each (the debug sweep's own sizing). Ctrl-C once two have finished.
+    args = [SWEEP, "--set", "samples=1", "--set", "space.inner.lr={grid: [0.001, 0.002, 0.003]}", "--set",
             "scheduler.name=none", *SHORT, "--set", "train.steps=60", "--set", "report_every=20",
-            "--set", "runtime.executor=local", "--set", "trial_cpus=1", "--set", f"out_dir={out}"]
+            "--set", f"out_dir={out}"]
     proc = subprocess.Popen([sys.executable, "-m", "metadist.cli", "tune", *args], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     client = MlflowClient(mlflow_store)
@@ -137,7 +140,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, m
     res = _tune(["--resume", str(folder)])
     assert res.returncode == 0, res.stderr[-4000:]
     table = pq.read_table(folder / "results.parquet").to_pandas()
-    assert len(table) == 4 and set(table["outcome"]) == {"finished"}
+    assert len(table) == 3 and set(table["outcome"]) == {"finished"}
 
     (parent,) = client.search_runs([client.get_experiment_by_name("sine-debug").experiment_id],
                                    filter_string="tags.`metadist.kind` = 'sweep'")
@@ -149,6 +152,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, m
         # The same child run, untouched by the resumed sweep: the trial was not run again.
         assert run.info.end_time == end_time and run.data.tags["metadist.status"] == "finished"
         assert table.set_index("trial").loc[trial, "mlflow_run_id"] == run_id
+    for child in current:  # each trial drove a worker actor, and validated every report_every steps
+        assert child.data.params["runtime.executor"] == "ray" and child.data.tags["system.workers"] == "1"
+        assert len(client.get_metric_history(child.info.run_id, "val/mse")) == 3
 
 
 def test_bad_sweep_is_one_line(tmp_path):
