@@ -32,6 +32,10 @@ export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlflow.db}"
 # A collective group with a hung rank is restarted after this wait for its process group's shutdown,
 # not Ray Train's default 30 s (read by Ray Train's controller, which runs on the job's node: here).
 export TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S="${TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S:-10}"
+# Ray Train's placement-group cleaner asks this head's state API whether a run's controller still lives.
+# Left to find it, it finds no single Ray when another runs on the machine (a local `metadist tune`), and
+# then never removes a dead controller's group: a stopped sweep trial would keep its CPUs.
+export RAY_API_SERVER_ADDRESS="http://127.0.0.1:${RAY_DASHBOARD_PORT:-8265}"
 
 "$RAY" start --head \
   --node-ip-address=127.0.0.1 --port="${RAY_PORT:-6379}" \

@@ -25,6 +25,7 @@ SHUTDOWN_TIMEOUT = ("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "10")
 # A Ray started here is this one machine: none of its nodes can be preempted, and Ray Train's preemption
 # watcher would only be one more process to start (2 s of CPU here) for every collective group.
 NO_PREEMPTION = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+STATE_API = "RAY_API_SERVER_ADDRESS"
 
 
 def connect(address: str | None, *, key: str = "runtime.address", num_cpus: int | None = None,
@@ -50,15 +51,27 @@ def connect(address: str | None, *, key: str = "runtime.address", num_cpus: int 
     # left running on this machine (which a bare ray.init() would join).
     for name, value in (SHUTDOWN_TIMEOUT, NO_PREEMPTION):  # before the raylet starts: its workers inherit them
         os.environ.setdefault(name, value)
-    # A dashboard port of its own, even with no dashboard. Ray Train's placement-group cleaner asks the state
-    # API at the dashboard address this Ray records whether the run's controller still lives, and takes
-    # "not found" for dead. With the default, 8265, another Ray on this machine (a head, a second run, a
-    # sweep) answers there, knows nothing of this run, and the cleaner removes the run's placement group:
-    # its ranks die. On a free port the answer is this Ray's own, or none, and then the cleaner waits.
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, num_gpus=num_gpus,
-             object_store_memory=object_store_mb * 1024 * 1024 if object_store_mb else None,
-             include_dashboard=dashboard, dashboard_host="127.0.0.1", dashboard_port=free_port(),
-             configure_logging=False, log_to_driver=log_to_driver)
+    # The state API of this Ray, and of no other. Ray Train's placement-group cleaner asks it whether a
+    # run's controller still lives, finding it through the dashboard address the Ray records, or through
+    # whichever Ray it finds on the machine. With another Ray on this machine (a head, a sweep, a second
+    # run) that answers "no such actor" for a healthy run, and the cleaner removed the run's placement
+    # group (its ranks died); or it finds no single Ray, and never removes the group of a controller that
+    # did die (a sweep's stopped trial), so the next trial waits for its CPUs for ever. So the Ray gets a
+    # dashboard port of its own, and its processes the address of its state API (RAY_API_SERVER_ADDRESS,
+    # which comes first). With no dashboard nothing answers there, and the cleaner only waits.
+    port = free_port()
+    before = os.environ.get(STATE_API)
+    os.environ[STATE_API] = f"http://127.0.0.1:{port}"  # for the Ray's processes, not for this one's clients
+    try:
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, num_gpus=num_gpus,
+                 object_store_memory=object_store_mb * 1024 * 1024 if object_store_mb else None,
+                 include_dashboard=dashboard, dashboard_host="127.0.0.1", dashboard_port=port,
+                 configure_logging=False, log_to_driver=log_to_driver)
+    finally:
+        if before is None:
+            os.environ.pop(STATE_API)
+        else:
+            os.environ[STATE_API] = before
     return True
 
 

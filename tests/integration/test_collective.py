@@ -184,18 +184,22 @@ def test_a_hung_rank_and_a_killed_rank_restart_the_group_and_change_nothing(two_
 
 
 def test_a_rank_asks_this_rays_own_state_api(local_ray):
-    # Ray Train's placement-group cleaner asks the state API, at the dashboard address the Ray records,
-    # whether the controller lives; with the default, 8265, another Ray on this machine (a head, a sweep)
-    # answered "no such actor", and the cleaner removed a healthy group's placement group (its ranks died).
-    # The Ray metadist starts records a port of its own.
+    # Ray Train's placement-group cleaner asks the state API whether a run's controller lives. It found it
+    # by the default dashboard port, 8265, where another Ray on this machine (a sweep's) answered "no such
+    # actor", and it removed a healthy group's placement group; or, with several Rays here, it found none,
+    # and a stopped trial's group held its CPUs for ever. A process of the Ray metadist starts (this one:
+    # the sweeps' Ray runs beside it in `make test`) resolves the state API to its own Ray's address.
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
     @local_ray.remote(num_cpus=0)
     def state_api() -> str:
         from ray.dashboard.utils import get_address_for_submission_client
 
         return get_address_for_submission_client(None)
 
-    assert local_ray.get(state_api.remote()).startswith("http://127.0.0.1:")
-    assert not local_ray.get(state_api.remote()).endswith(":8265")
+    own = _internal_kv_get(ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
+    assert local_ray.get(state_api.remote()) == f"http://{own.decode()}" != "http://127.0.0.1:8265"
 
 
 def test_more_ranks_than_the_cluster_holds_is_one_error_at_once(local_ray, tmp_path):
