@@ -323,7 +323,12 @@ def fit(trainer, progress: bool = True, callbacks: tuple = ()) -> dict:
                                                        controller_failure_limit=2),
                 # A restart needs the latest registered checkpoint; the run folder keeps the run's own.
                 # Ray Train's default keeps every one reported, a full copy each.
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=list(callbacks)))
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=list(callbacks),
+                # A rank computes in a thread of its process, not in the main thread as an actor does, and
+                # glibc gives such a thread a malloc arena of its own, in which every large tensor is
+                # mapped and unmapped again: the same share took 1.14x as long there (bench/reducer.py).
+                # One arena, the main one, for the whole rank process.
+                worker_runtime_env={"env_vars": {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "1")}}))
         trainer.console.log(f"collective: {rt.workers} rank(s), all-reduce over "
                             f"{'nccl' if gpu else 'gloo'}")
         try:
