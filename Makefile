@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 JOB    ?= jobs/quickstart.yaml
-# torch comes through pip (see below); everything else through uv, which installs the same versions in a quarter of pip's time (28 s instead of 100 s here). Both
-# byte-compile what they install, and that is kept: where PYTHONDONTWRITEBYTECODE is set (it is here)
-# nothing compiled later is kept, and every process that imports torch, Ray and MLflow would compile
-# them again (6 s instead of 2).
+# torch comes through pip (see below); everything else through uv, which installs the same versions in
+# a quarter of pip's time (28 s instead of 100 s here). Both byte-compile what they install, and that is
+# kept: where PYTHONDONTWRITEBYTECODE is set (it is here) nothing compiled later is kept, and every
+# process that imports torch, Ray and MLflow would compile them again (6 s instead of 2).
 PIP    := $(BIN)/pip install -q
 UV     := $(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode
 
