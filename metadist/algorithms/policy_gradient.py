@@ -12,7 +12,14 @@ advantages normalised to zero mean and unit variance.
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch.func import functional_call
+
+from metadist.algorithms.adaptation import inner_grad
+
+Tensors = dict[str, torch.Tensor]
 
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -86,3 +93,26 @@ def reinforce_loss(log_probs: torch.Tensor, advantages: torch.Tensor, mask: torc
     """(T,) each task's REINFORCE surrogate, minus the mean over its steps of log-likelihood times
     advantage: its gradient is the policy gradient, and it stays differentiable for the outer loop."""
     return -(log_probs * advantages.detach() * mask).sum((1, 2)) / mask.sum((1, 2)).clamp_min(1)
+
+
+def gaussian_log_prob(out: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood of `actions` under the diagonal Gaussian whose mean and log std a policy gives
+    concatenated in `out` (`models.policy.GaussianPolicy`), summed over the action's coordinates."""
+    mean, log_std = out.chunk(2, dim=-1)
+    z = (actions - mean) * torch.exp(-log_std)
+    return (-0.5 * z * z - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def adapt_policy(model, params: Tensors, obs: torch.Tensor, actions: torch.Tensor, adv: torch.Tensor,
+                 mask: torch.Tensor, lr: float, first_order: bool = False) -> Tensors:
+    """One task's inner step: params - lr * grad of its REINFORCE surrogate on its trajectories (N, H, ...).
+    Differentiable in `params` (second order) unless `first_order`."""
+
+    def loss(ad: Tensors):
+        lp = gaussian_log_prob(functional_call(model, ad, (obs,)), actions)
+        return reinforce_loss(lp[None], adv[None], mask[None])[0], {}
+
+    g, _ = inner_grad(loss, params, create_graph=not first_order)
+    if first_order:
+        g = {n: v.detach() for n, v in g.items()}
+    return {n: params[n] - lr * g[n] for n in params}
