@@ -213,3 +213,31 @@ def test_maml_rl_meta_trains_the_policy_to_adapt_in_one_step():
         gains.append((m["return_post"] - m["return_pre"]).item() / 10)
     assert posts[0] < -80 and sum(posts[-5:]) / 5 > -35, posts
     assert gains[0] < 5 and sum(gains[-5:]) / 5 > 10, gains
+
+
+@pytest.mark.slow
+def test_a_trpo_meta_step_lowers_the_surrogate_within_the_kl_bound_by_either_product():
+    # The paper's outer step through the inner step: the natural-gradient direction under the adapted
+    # policies' mean KL, from exact Hessian-vector products or from finite differences of gradients.
+    from metadist.algorithms import trpo
+    from metadist.algorithms.maml_rl import sample_batch, surrogate, trpo_step
+    from metadist.models.policy import GaussianPolicy
+
+    torch.manual_seed(0)
+    model = GaussianPolicy(hidden=[32, 32]).double()
+    env = NavigationTasks(seed=0)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    idx = range(4)
+    batch = sample_batch(model, params, env, env.goals("train", 0, idx).double(),
+                         env.noise("train", 0, idx, 0, 10).double(), env.noise("train", 0, idx, 1, 10).double(), lr=0.1)
+    # The two products agree in float64, with a finite-difference step small enough not to straddle a
+    # switching ReLU (trpo_step says why).
+    kl = lambda p: surrogate(model, p, batch, 0.1)[1] / 4  # noqa: E731
+    v = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+         for n, p in params.items()}
+    exact, fd = trpo.hvp_exact(kl, params, v), trpo.hvp_finite_difference(kl, params, v, eps=1e-6)
+    assert (trpo.dot(*(2 * [{n: exact[n] - fd[n] for n in v}])).sqrt() / trpo.dot(exact, exact).sqrt()) < 1e-6
+    for hvp in ("exact", "finite_difference"):
+        new, info = trpo_step(model, params, batch, lr=0.1, max_kl=0.01, hvp=hvp, fd_eps=1e-6)
+        assert info["surrogate_after"] < info["surrogate_before"] and 0 < info["kl"] <= 0.01, info
+        assert info["backtracks"] is not None and any(not torch.equal(new[n], params[n]) for n in params)
