@@ -126,7 +126,9 @@ def test_a_hung_rank_and_a_killed_rank_restart_the_group_and_change_nothing(two_
     The run ends with a clean run's parameters, bit for bit, in one MLflow run that counts 2 restarts."""
     from metadist.tracking import Tracker
 
-    cfg = sine_config(tmp_path, *STEPS, *RANKS, "runtime.workers=2", "runtime.collective_timeout_s=15")
+    # 30 s: short enough to see the hang quickly, long enough for what rank 0 does alone while the other
+    # rank waits in the next collective (recording the baseline in MLflow took over 15 s once in CI).
+    cfg = sine_config(tmp_path, *STEPS, *RANKS, "runtime.workers=2", "runtime.collective_timeout_s=30")
     trainer = Trainer(cfg, tracker=Tracker(cfg))
 
     def hold_rank_1(t):
