@@ -16,8 +16,7 @@ from torch.func import functional_call, vmap
 
 from metadist.algorithms import policy_gradient as pg
 from metadist.algorithms import trpo
-
-Tensors = dict[str, torch.Tensor]
+from metadist.algorithms.adaptation import Tensors
 
 
 def policy_act(model, params: Tensors, per_task: bool = False):

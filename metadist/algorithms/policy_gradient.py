@@ -17,9 +17,7 @@ import math
 import torch
 from torch.func import functional_call
 
-from metadist.algorithms.adaptation import inner_grad
-
-Tensors = dict[str, torch.Tensor]
+from metadist.algorithms.adaptation import Tensors, inner_grad
 
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-Tensors = dict[str, torch.Tensor]
+from metadist.algorithms.adaptation import Tensors
 
 
 def dot(a: Tensors, b: Tensors) -> torch.Tensor:
