@@ -8,41 +8,27 @@ import math
 import torch
 from torch import nn
 
+from metadist.models.mlp import MLP
+
 
 class PolicyHead(nn.Module):
     """The mean's output layer and the log standard deviation: what ANIL adapts."""
 
-    def __init__(self, width: int, act_dim: int, init_std: float):
+    def __init__(self, linear: nn.Linear, init_std: float):
         super().__init__()
-        self.linear = nn.Linear(width, act_dim)
-        self.log_std = nn.Parameter(torch.full((act_dim,), math.log(init_std)))
+        self.linear = linear
+        self.log_std = nn.Parameter(torch.full((linear.out_features,), math.log(init_std)))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         mean = self.linear(h)
         return torch.cat([mean, self.log_std.expand_as(mean)], dim=-1)
 
 
-class GaussianPolicy(nn.Module):
+class GaussianPolicy(MLP):
     """obs -> (mean, log std) of a diagonal Gaussian, concatenated on the last dimension, so that one
-    `torch.func.functional_call` gives both (`algorithms.policy_gradient.gaussian_log_prob` splits them)."""
+    `torch.func.functional_call` gives both (`algorithms.policy_gradient.gaussian_log_prob` splits them).
+    The sinusoid MLP's body, forward and parameter names; its head also holds the log std."""
 
     def __init__(self, obs_dim: int = 2, hidden: list[int] | None = None, act_dim: int = 2, init_std: float = 1.0):
-        super().__init__()
-        hidden = [100, 100] if hidden is None else hidden
-        layers: list[nn.Module] = []
-        width = obs_dim
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        self.body = nn.Sequential(*layers)
-        self.head = PolicyHead(width, act_dim, init_std)
-
-    def forward(self, x: torch.Tensor, step: int = 0, bn: str = "batch", part: str = "all",
-                stats: bool = False):
-        # `step`, `bn` and `stats` exist so every model shares one call signature; a policy has no BatchNorm.
-        if part == "body":
-            return self.body(x)
-        if part == "head":
-            return self.head(x)
-        out = self.head(self.body(x))
-        return (out, []) if stats else out
+        super().__init__(obs_dim, [100, 100] if hidden is None else hidden, act_dim)
+        self.head = PolicyHead(self.head, init_std)
