@@ -119,10 +119,11 @@ def trpo_step(model, params: Tensors, batch: RLBatch, lr: float, max_kl: float =
     else:
         fvp = lambda v: trpo.hvp_finite_difference(kl_fn, detached, v, eps=fd_eps)  # noqa: E731
     step = trpo.natural_step(grads, fvp, max_kl, cg_iters, damping)
+
+    def evaluate(p: Tensors) -> tuple[float, float]:
+        loss, kl = surrogate(model, p, batch, lr)
+        return loss.item(), kl.item() / len(batch.adv_pre)
+
     with torch.no_grad():
-        before = loss_fn(detached).item()
-        new, k = trpo.line_search(lambda p: loss_fn(p).item(), lambda p: kl_fn(p).item(), detached, step,
-                                  max_kl, max_backtracks, backtrack)
-        after = loss_fn(new).item()
-        kl = kl_fn(new).item()
+        new, k, before, (after, kl) = trpo.line_search(evaluate, detached, step, max_kl, max_backtracks, backtrack)
     return new, {"surrogate_before": before, "surrogate_after": after, "kl": kl, "backtracks": k}

@@ -91,13 +91,16 @@ def natural_step(grad: Tensors, fvp: Callable[[Tensors], Tensors], max_kl: float
     return {n: -scale * d for n, d in direction.items()}
 
 
-def line_search(loss: Callable[[Tensors], float], kl: Callable[[Tensors], float], params: Tensors,
-                step: Tensors, max_kl: float, max_backtracks: int = 15, backtrack: float = 0.8):
+def line_search(evaluate: Callable[[Tensors], tuple[float, float]], params: Tensors, step: Tensors,
+                max_kl: float, max_backtracks: int = 15, backtrack: float = 0.8):
     """Backtracking line search: the first of params + step * backtrack^k (k = 0, 1, ...) that lowers the
-    loss and keeps the KL within max_kl. Returns (new params, k), or (params unchanged, None)."""
-    before = loss(params)
+    loss and keeps the KL within max_kl, `evaluate(p)` giving both at once (one pass through the inner
+    step). Returns (new params, k, loss before, (loss, kl) at the new params); with no such k,
+    (params unchanged, None, loss before, (loss before, 0.0))."""
+    before, _ = evaluate(params)
     for k in range(max_backtracks):
         candidate = axpy(backtrack ** k, step, params)
-        if loss(candidate) < before and kl(candidate) <= max_kl:
-            return candidate, k
-    return params, None
+        loss, kl = evaluate(candidate)
+        if loss < before and kl <= max_kl:
+            return candidate, k, before, (loss, kl)
+    return params, None, before, (before, 0.0)

@@ -90,8 +90,9 @@ def test_the_line_search_backtracks_until_the_loss_falls_within_the_kl_bound():
     loss = lambda p: float(((p["w"] - 1.0) ** 2).sum())  # noqa: E731
     kl = lambda p: float((p["w"] ** 2).sum())  # noqa: E731
     step = {"w": torch.full((2,), 1.0, dtype=torch.float64)}  # full step: KL 2.0, far over the bound
-    new, k = trpo.line_search(loss, kl, params, step, max_kl=0.5)
+    evaluate = lambda p: (loss(p), kl(p))  # noqa: E731
+    new, k, _, _ = trpo.line_search(evaluate, params, step, max_kl=0.5)
     assert k == 4 and torch.allclose(new["w"], torch.full((2,), 0.8 ** 4, dtype=torch.float64))  # KL 0.336
     # A step that only raises the loss is refused: the parameters stay.
-    same, k = trpo.line_search(loss, kl, params, {"w": torch.full((2,), -1.0, dtype=torch.float64)}, max_kl=10.0)
+    same, k, _, _ = trpo.line_search(evaluate, params, {"w": torch.full((2,), -1.0, dtype=torch.float64)}, max_kl=10.0)
     assert k is None and same is params
