@@ -35,29 +35,42 @@ class ConfigError(UserError, ValueError):
 
 @dataclass(config=STRICT)
 class TaskConfig:
-    family: Literal["sinusoid", "fewshot", "noise"] = "sinusoid"
-    """Task family: `sinusoid` regression (MAML paper 5.1), `fewshot` N-way K-shot image episodes, or
-    `noise` (random-pixel episodes of the fewshot shape, nothing to learn: for benchmarks and tests)."""
+    family: Literal["sinusoid", "fewshot", "noise", "navigation"] = "sinusoid"
+    """Task family: `sinusoid` regression (MAML paper 5.1), `fewshot` N-way K-shot image episodes,
+    `navigation` (2-D point navigation to a goal, reinforcement learning: MAML paper 5.3), or `noise`
+    (random-pixel episodes of the fewshot shape, nothing to learn: for benchmarks and tests)."""
     ways: Annotated[int, Field(ge=2)] = 5
     """N, the number of classes per episode (fewshot only; at least 2)."""
     shots: PositiveInt = 10
-    """K, support examples per class (fewshot) or support points per task (sinusoid) in training."""
+    """K, support examples per class (fewshot), support points per task (sinusoid), or trajectories per
+    task sampled before the inner step (navigation) in training."""
     query: PositiveInt = 10
-    """Query examples per class (fewshot) or query points per task (sinusoid) in training."""
+    """Query examples per class (fewshot), query points per task (sinusoid), or trajectories per task
+    sampled after the inner step (navigation) in training."""
     amplitude: tuple[float, float] = (0.1, 5.0)
     """Sinusoid amplitude range A ~ U[lo, hi]."""
     phase: tuple[float, float] = (0.0, 3.141592653589793)
     """Sinusoid phase range phi ~ U[lo, hi]."""
     x_range: tuple[float, float] = (-5.0, 5.0)
     """Sinusoid input range x ~ U[lo, hi]."""
+    goal_range: tuple[float, float] = (-0.5, 0.5)
+    """Navigation goal coordinates ~ U[lo, hi] each."""
+    horizon: PositiveInt = 100
+    """Navigation steps per trajectory at most (a trajectory also ends within 0.01 of the goal)."""
+    max_action: PositiveFloat = 0.1
+    """Navigation velocity clip per coordinate."""
 
 
 @dataclass(config=STRICT)
 class ModelConfig:
-    name: Literal["mlp", "conv4"] = "mlp"
-    """Network: `mlp` (regression, 1-40-40-1 ReLU by default) or `conv4` (four conv blocks + linear head)."""
+    name: Literal["mlp", "conv4", "policy"] = "mlp"
+    """Network: `mlp` (regression, 1-40-40-1 ReLU by default), `conv4` (four conv blocks + linear head),
+    or `policy` (navigation: a ReLU MLP giving a Gaussian's mean, with a learned state-independent log
+    standard deviation)."""
     hidden: list[PositiveInt] = field(default_factory=lambda: [40, 40])
-    """Hidden layer widths of the MLP."""
+    """Hidden layer widths of the MLP and the policy (the MAML paper's policy: [100, 100])."""
+    init_std: PositiveFloat = 1.0
+    """The policy's initial action standard deviation."""
     in_features: PositiveInt = 1
     """MLP input width."""
     out_features: PositiveInt = 1
@@ -109,14 +122,39 @@ class InnerConfig:
 
 @dataclass(config=STRICT)
 class OuterConfig:
-    optimizer: Literal["adam", "sgd"] = "adam"
-    """Outer (meta) optimizer. Reptile's outer step size epsilon is `outer.lr` with `sgd`."""
+    optimizer: Literal["adam", "sgd", "trpo"] = "adam"
+    """Outer (meta) optimizer. Reptile's outer step size epsilon is `outer.lr` with `sgd`. `trpo`
+    (navigation only: the MAML paper's RL outer step) takes the natural-gradient step under a bound on
+    the adapted policies' mean KL (the `rl.*` settings) and ignores `outer.lr`."""
     lr: PositiveFloat = 0.001
     """Meta learning rate."""
     cosine: bool = False
     """MAML++ cosine annealing of the meta learning rate over `train.steps`, down to `outer.min_lr`."""
     min_lr: Annotated[float, Field(ge=0)] = 0.0
     """Final meta learning rate of the cosine schedule."""
+
+
+@dataclass(config=STRICT)
+class RLConfig:
+    gamma: Annotated[float, Field(gt=0, le=1)] = 0.99
+    """Discount of the returns the baseline is fitted to and the advantages are computed from."""
+    gae_lambda: Annotated[float, Field(ge=0, le=1)] = 1.0
+    """Generalised advantage estimation's lambda (1: discounted returns minus the baseline)."""
+    max_kl: PositiveFloat = 0.01
+    """TRPO: bound on the mean KL of the adapted policies from those that sampled (outer.optimizer trpo)."""
+    cg_iters: PositiveInt = 10
+    """TRPO: conjugate-gradient iterations for the natural-gradient direction."""
+    cg_damping: Annotated[float, Field(ge=0)] = 1e-5
+    """TRPO: damping added to the Fisher-vector products."""
+    hvp: Literal["exact", "finite_difference"] = "exact"
+    """TRPO: the KL's Hessian-vector products by double backward through the inner step (`exact`), or
+    by finite differences of its gradient (`finite_difference`, the paper's choice; step `rl.fd_eps`)."""
+    fd_eps: PositiveFloat = 1e-5
+    """TRPO: the finite-difference step of `rl.hvp: finite_difference`."""
+    line_search_steps: PositiveInt = 15
+    """TRPO: backtracking line-search steps at most."""
+    backtrack: Annotated[float, Field(gt=0, lt=1)] = 0.8
+    """TRPO: the factor the step shrinks by at each line-search step."""
 
 
 @dataclass(config=STRICT)
@@ -151,6 +189,9 @@ class EvalConfig:
     """Query examples per task (sinusoid) or per class (fewshot) at test time."""
     lr: Optional[PositiveFloat] = None
     """Test-time inner learning rate; defaults to `inner.lr` (learned rates are used where trained)."""
+    later_lr: Optional[PositiveFloat] = None
+    """Test-time rate of the steps after the first (navigation only); defaults to `eval.lr`. The MAML
+    paper's RL evaluation takes alpha for the first step and alpha/2 after it."""
     split: Split = "test"
     """Split the evaluation tasks are drawn from."""
     batch: PositiveInt = 100
@@ -249,13 +290,30 @@ class Config:
     """Data location."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """MLflow run recording."""
+    rl: RLConfig = field(default_factory=RLConfig)
+    """Reinforcement learning (task.family navigation): advantages and the TRPO outer step."""
 
     def __post_init__(self) -> None:
+        rl = self.task.family == "navigation"
         checks = [
             (self.model.name == "mlp" and self.task.family != "sinusoid",
-             "model.name", "mlp is for sinusoid regression; use conv4 for fewshot and noise"),
-            (self.model.name == "conv4" and self.task.family == "sinusoid",
-             "model.name", "conv4 is for fewshot classification; use mlp for sinusoid"),
+             "model.name", "mlp is for sinusoid regression; use conv4 for fewshot and noise, policy for "
+             "navigation"),
+            (self.model.name == "conv4" and self.task.family in ("sinusoid", "navigation"),
+             "model.name", "conv4 is for fewshot classification; use mlp for sinusoid, policy for navigation"),
+            (rl != (self.model.name == "policy"), "model.name",
+             f"{self.model.name!r} with task.family {self.task.family!r}: navigation takes the model "
+             "'policy', and 'policy' is for navigation only"),
+            (rl and self.algorithm.name == "reptile", "algorithm.name",
+             "'reptile' is not implemented for navigation; allowed there: maml, fomaml, anil, metasgd, pretrain"),
+            (rl and self.inner.steps != 1, "inner.steps",
+             f"{self.inner.steps}: navigation meta-trains with 1 inner step (the MAML paper's; each further "
+             "step would need trajectories of its own); allowed: 1 (eval.steps may be more)"),
+            (self.outer.optimizer == "trpo" and not rl, "outer.optimizer",
+             "'trpo' is the reinforcement-learning outer step; allowed for "
+             f"task.family {self.task.family!r}: adam, sgd"),
+            (self.eval.later_lr is not None and not rl, "eval.later_lr",
+             "is for navigation only; leave it empty"),
             (self.task.amplitude[0] > self.task.amplitude[1], "task.amplitude", "needs lo <= hi"),
             (self.task.x_range[0] >= self.task.x_range[1], "task.x_range", "needs lo < hi"),
             (self.runtime.gpus_per_worker > 0 and self.runtime.device == "cpu", "runtime.device",

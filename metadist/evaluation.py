@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from metadist.algorithms import adapt_curve, make_eval_spec
+from metadist.algorithms import adapt_curve, make_eval_spec, maml_rl
 from metadist.algorithms.evaluate import adapted_outputs
 from metadist.episode import Episode
 
@@ -38,7 +38,10 @@ def episode_curves(model, params: dict, cfg, tasks, indices: range, *, task_para
     not depend on which other episodes share its batch."""
     spec = make_eval_spec(cfg, steps, task_parallel=task_parallel)
     batch = tasks.fixed(split or cfg.eval.split, indices, cfg.eval.shots or cfg.task.shots, cfg.eval.query)
-    return adapt_curve(model, params, batch.to(next(iter(params.values())).device), spec)
+    batch = batch.to(next(iter(params.values())).device)
+    if cfg.task.family == "navigation":
+        return maml_rl.curves(model, params, batch, spec)
+    return adapt_curve(model, params, batch, spec)
 
 
 def join_curves(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -57,7 +60,8 @@ def evaluate(model, params: dict, cfg, tasks, *, task_parallel: str, episodes: i
     workers, each on its share); by default this process adapts every episode.
 
     Rows carry `mean` and `ci95` of the primary metric (MSE for regression, accuracy in % for
-    classification), plus `loss_mean`/`loss_ci95` for classification and a `diverged` count.
+    classification, the mean undiscounted return per trajectory for navigation), plus
+    `loss_mean`/`loss_ci95` for classification and a `diverged` count.
     """
     episodes = episodes or cfg.eval.episodes
     split = split or cfg.eval.split
@@ -72,6 +76,10 @@ def evaluate(model, params: dict, cfg, tasks, *, task_parallel: str, episodes: i
 
 def report_of(curves: dict[str, torch.Tensor], spec, *, split: str, shots: int, episodes: int) -> dict:
     """The evaluation report of per-episode curves: a row of statistics per number of test-time steps."""
+    if "return" in curves:  # reinforcement learning: higher is better, no loss beside it
+        rows = [{"steps": s, **summarise(curves["return"][:, s])} for s in range(spec.steps + 1)]
+        return {"split": split, "shots": shots, "episodes": episodes, "metric": "return", "lr": spec.lr,
+                "later_lr": spec.later_lr or spec.lr, "rows": rows}
     loss = curves["loss"]
     rows = []
     for s in range(spec.steps + 1):
@@ -107,11 +115,28 @@ def sine_fits(model, params: dict, cfg, tasks, *, task_parallel: str, n_tasks: i
             "predictions": {s: preds[:, s, :, 0] for s in steps}}
 
 
+METRIC_LABELS = {"accuracy": "accuracy %", "mse": "MSE", "return": "return"}
+"""How each report metric is named in tables and figures."""
+
+
+def navigation_paths(model, params: dict, cfg, tasks, n_tasks: int = 3, steps: tuple[int, ...] = (0, 1, 3)) -> dict:
+    """The data of the MAML paper's Figure 4 for the first `n_tasks` fixed test goals: the agent's first
+    trajectory after each of `steps` test-time steps, adapted exactly as the evaluation adapts."""
+    steps = tuple(s for s in steps if s <= cfg.eval.steps)
+    batch = tasks.fixed(cfg.eval.split, n_tasks, cfg.eval.shots or cfg.task.shots, cfg.eval.query)
+    spec = make_eval_spec(cfg, steps=max(steps), task_parallel="vmap")
+    batch = batch.to(next(iter(params.values())).device)
+    paths = maml_rl.trajectories(model, params, batch, spec, steps)
+    return {"goals": batch.goals.cpu(), "paths": {k: (p.cpu(), m.cpu()) for k, (p, m) in paths.items()}}
+
+
 def print_eval(report: dict, title: str = "evaluation", console: Console | None = None) -> None:
     """The evaluation rows as a table on the terminal."""
-    metric = "accuracy %" if report["metric"] == "accuracy" else "MSE"
+    metric = METRIC_LABELS[report["metric"]]
+    lr = f"{report['lr']:g}" + (f" then {report['later_lr']:g}" if report.get("later_lr", report["lr"]) != report["lr"] else "")
+    shots = f"{report['shots']} trajectories per round" if report["metric"] == "return" else f"{report['shots']}-shot"
     table = Table(title=f"{title}: {report['split']} split, {report['episodes']} tasks, "
-                        f"{report['shots']}-shot, test-time lr {report['lr']:g}")
+                        f"{shots}, test-time lr {lr}")
     table.add_column("steps", justify="right")
     table.add_column(metric, justify="right")
     table.add_column("± 95% CI", justify="right")

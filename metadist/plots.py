@@ -3,6 +3,8 @@
 - `training_curve`: query loss (and accuracy) before and after adaptation against the outer step.
 - `adaptation_curve`: the evaluation metric against test-time steps, before and after meta-training,
   with 95% CI bands.
+- `navigation_paths`: a few navigation test goals and the agent's path before and after adaptation, before
+  and after meta-training (MAML paper, Figure 4).
 - `sine_fits`: a few sinusoid test tasks, the true curve, the K support points and the model's fit
   after 0, 1 and 10 test-time steps, before and after meta-training (MAML paper, Figure 2).
 
@@ -24,6 +26,8 @@ import torch  # noqa: E402
 def training_curve(history: list[dict], name: str):
     """The logged records of a run as curves against the outer step."""
     steps = [r["step"] for r in history]
+    if any("return_after" in r for r in history):
+        return _return_curve(history, steps, name)
     has_acc = any("acc_after" in r for r in history)
     fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 4), squeeze=False)
     ax = axes[0, 0]
@@ -47,10 +51,24 @@ def training_curve(history: list[dict], name: str):
     return fig
 
 
+def _return_curve(history: list[dict], steps: list[int], name: str):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("return_before", "before adaptation"), ("return_after", "after adaptation")):
+        pts = [(s, r[key]) for s, r in zip(steps, history) if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=label)
+    ax.set(xlabel="outer step", ylabel="mean return per trajectory (meta-batch)", title=f"{name}: meta-training")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def adaptation_curve(reports: dict[str, dict], name: str):
     """Evaluation rows (metric after 0..S test-time steps, mean ± 95% CI) of several reports."""
+    from metadist.evaluation import METRIC_LABELS
+
     fig, ax = plt.subplots(figsize=(6, 4))
-    metric = "accuracy %" if next(iter(reports.values()))["metric"] == "accuracy" else "MSE"
+    metric = METRIC_LABELS[next(iter(reports.values()))["metric"]]
     for label, report in reports.items():
         rows = report["rows"]
         s = [r["steps"] for r in rows]
@@ -62,6 +80,29 @@ def adaptation_curve(reports: dict[str, dict], name: str):
     ax.set(xlabel="test-time steps", ylabel=f"query {metric}",
            title=f"{name}: {first['episodes']} {first['split']} tasks, {first['shots']}-shot")
     ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def navigation_paths(paths_by_label: dict[str, dict]):
+    """Rows: parameter sets (before / after meta-training); columns: test goals. Each value is
+    {"goals": (T, 2), "paths": {k: (positions (T, H, 2), mask (T, H))}} after k test-time steps, as
+    `algorithms.maml_rl.trajectories` gives it; this only draws it."""
+    first = next(iter(paths_by_label.values()))
+    n_goals = first["goals"].shape[0]
+    fig, axes = plt.subplots(len(paths_by_label), n_goals, figsize=(3.2 * n_goals, 3.2 * len(paths_by_label)),
+                             squeeze=False)
+    for row, (label, data) in enumerate(paths_by_label.items()):
+        for t in range(n_goals):
+            ax = axes[row, t]
+            for k, (pos, mask) in data["paths"].items():
+                taken = pos[t][mask[t] > 0]
+                ax.plot(taken[:, 0], taken[:, 1], "--" if k == 0 else "-", label=f"after {k} step(s)")
+            ax.plot(0, 0, "ko", ms=4)
+            ax.plot(*data["goals"][t].tolist(), "r*", ms=12, label="goal")
+            ax.set(xlim=(-0.6, 0.6), ylim=(-0.6, 0.6), aspect="equal")
+            ax.set_title(f"{label}", fontsize=9)
+    axes[0, 0].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from metadist.algorithms import maml_rl
 from metadist.algorithms.evaluate import adapt_curve
 from metadist.algorithms.maml import anil, fomaml, maml, metasgd, pretrain
 from metadist.algorithms.reptile import reptile
@@ -23,8 +24,22 @@ ALGORITHMS = {
     "pretrain": pretrain,
 }
 
-__all__ = ["ALGORITHMS", "InnerSpec", "adapt_curve", "init_meta_params", "make_eval_spec", "make_spec",
+RL_ALGORITHMS = {
+    "maml": maml_rl.maml,
+    "fomaml": maml_rl.maml,  # first order, ANIL and Meta-SGD are the spec's and the parameters' business
+    "anil": maml_rl.maml,
+    "metasgd": maml_rl.maml,
+    "pretrain": maml_rl.pretrain,
+}
+"""The same names for reinforcement-learning tasks (`task.family: navigation`)."""
+
+__all__ = ["ALGORITHMS", "RL_ALGORITHMS", "algorithm_for", "InnerSpec", "adapt_curve", "init_meta_params", "make_eval_spec", "make_spec",
            "msl_weights"]
+
+
+def algorithm_for(cfg):
+    """The function that computes the configured algorithm's summed meta-gradients for the task family."""
+    return (RL_ALGORITHMS if cfg.task.family == "navigation" else ALGORITHMS)[cfg.algorithm.name]
 
 
 def init_meta_params(model: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:

@@ -76,7 +76,7 @@ def step_lr(params: Tensors, name: str, k: int, spec: InnerSpec):
         rates = params[f"lslr/{name}"]
         # Test-time steps beyond those trained reuse the last learned rate.
         return rates[min(k, rates.shape[0] - 1)]
-    return spec.lr
+    return spec.later_lr if k > 0 and spec.later_lr is not None else spec.lr
 
 
 class Forward:

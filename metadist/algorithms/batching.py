@@ -81,7 +81,7 @@ def sum_of_grads(task_objective: Callable, params: Tensors, batch: Episode, spec
 
         # One backward through the whole chunk: the gradient w.r.t. the shared parameters is summed over
         # tasks by autograd itself, without materialising per-task gradients.
-        mapped = vmap(task_objective, in_dims=(None, 0, 0, 0, 0))
+        mapped = vmap(task_objective, in_dims=(None,) + (0,) * len(batch.tensors()))
         for part in batch.chunks(spec.chunk):
             obj, a = mapped(leaves, *part.tensors())
             grads, aux = _add(grads, _grads_of(obj.sum(), leaves)), _add(aux, _sum0(_detached(a)))
@@ -94,7 +94,7 @@ def map_tasks(task_fn: Callable, params: Tensors, batch: Episode, spec: InnerSpe
         with plain_autograd():
             outs = [task_fn(params, *_task(batch, t)) for t in range(batch.num_tasks)]
         return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
-    mapped = vmap(task_fn, in_dims=(None, 0, 0, 0, 0))
+    mapped = vmap(task_fn, in_dims=(None,) + (0,) * len(batch.tensors()))
     parts = [mapped(params, *part.tensors()) for part in batch.chunks(spec.chunk)]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 

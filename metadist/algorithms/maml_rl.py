@@ -1,28 +1,38 @@
-"""MAML for reinforcement learning on batched environments: sample, adapt with one differentiable
-policy-gradient step per task, sample again with the adapted policy, and return the post-update
-surrogate whose gradient is the meta-gradient (MAML paper, section 5.3).
+"""MAML for reinforcement learning on batched environments (MAML paper, section 5.3): sample each task's
+trajectories, adapt with one differentiable policy-gradient step per task, sample again with the adapted
+policy, and differentiate the post-update surrogate through the inner step.
 
-The environment is any object with `rollout(act, goals, noise) -> Rollouts` (`tasks.navigation`); it is
-handed in, so this module stays pure torch. Sampling never builds a graph: the policy gradient needs
-only the actions' log-likelihood, which is recomputed from the stored observations and actions.
+The task batch (`tasks.navigation.NavigationBatch`) carries its environment, goals and action noise; it
+is handed in, so this module stays pure torch. Sampling never builds a graph: the policy gradient needs
+only the actions' log-likelihood, recomputed from the stored observations and actions. The inner step is
+`policy_gradient.adapt_policy` (the spec decides first or second order, ANIL's head-only step, learned
+rates), and tasks are vmapped or looped by the same `batching` layer as the supervised algorithms.
+
+`meta_gradient` has the supervised algorithms' shape, summed gradients and summed metrics, so every
+executor runs it unchanged with Adam outside. The TRPO outer step also needs sums over tasks of the
+adapted policies' KL Hessian-vector products (`fvp`) and of the surrogate and KL at candidate
+parameters (`surrogate`), on the same trajectories (`Samples`), which a worker keeps for the step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 from torch.func import functional_call, vmap
 
 from metadist.algorithms import policy_gradient as pg
 from metadist.algorithms import trpo
-from metadist.algorithms.adaptation import Tensors
+from metadist.algorithms.adaptation import Tensors, model_params
+from metadist.algorithms.batching import map_tasks, sum_of_grads
+from metadist.algorithms.spec import InnerSpec
 
 
 def policy_act(model, params: Tensors, per_task: bool = False):
     """The sampling function `act(obs, noise)` of a Gaussian policy: mean + std * noise. With
     `per_task`, every parameter has a leading task dimension (adapted policies), matched to obs's."""
-    params = {n: p.detach() for n, p in params.items()}
+    params = {n: p.detach() for n, p in model_params(params).items()}
 
     def one(p: Tensors, obs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         mean, log_std = functional_call(model, p, (obs,)).chunk(2, dim=-1)
@@ -33,97 +43,176 @@ def policy_act(model, params: Tensors, per_task: bool = False):
     return lambda obs, z: one(params, obs, z)
 
 
-@dataclass
-class RLBatch:
-    """One outer step's samples: each task's trajectories before and after its inner step, their
-    advantages, and the adapted policies' outputs on the post-update trajectories when they were sampled
-    (the "old" policy of the TRPO surrogate and its KL)."""
+def adapt_tasks(model, params: Tensors, obs, actions, adv, mask, spec: InnerSpec, k: int,
+                per_task: bool = False) -> Tensors:
+    """Every task's parameters after inner step `k` on its trajectories (T, N, H, ...), stacked on a
+    leading task dimension, without a graph (for sampling and evaluation). With `per_task`, `params`
+    already has a task dimension (a later step)."""
+    spec = spec.with_(first_order=True)
+    params = {n: p.detach() for n, p in params.items()}
+    one = partial(pg.adapt_policy, model, spec=spec, k=k)
+    with torch.no_grad():
+        return vmap(one, in_dims=(0 if per_task else None, 0, 0, 0, 0))(params, obs, actions, adv, mask)
 
-    pre: object
-    adv_pre: torch.Tensor
-    post: object
-    adv_post: torch.Tensor
+
+@dataclass
+class Samples:
+    """One outer step's trajectories, per task (leading dimension T): before the inner step (`pre_*`),
+    after it (`post_*`), their advantages, and the adapted policies' outputs on the post-update
+    observations when they sampled (`old_out`: the TRPO surrogate's "old" policy). `metrics` holds
+    the summed mean returns per task before and after the step."""
+
+    pre_obs: torch.Tensor
+    pre_actions: torch.Tensor
+    pre_adv: torch.Tensor
+    pre_mask: torch.Tensor
+    post_obs: torch.Tensor
+    post_actions: torch.Tensor
+    post_adv: torch.Tensor
+    post_mask: torch.Tensor
     old_out: torch.Tensor
     metrics: dict
 
+    @property
+    def num_tasks(self) -> int:
+        return self.pre_obs.shape[0]
 
-def adapt_all(model, params: Tensors, batch: RLBatch, lr: float, first_order: bool = False) -> list[Tensors]:
-    """Each task's adapted parameters, a function of `params` (differentiable unless `first_order`)."""
-    pre = batch.pre
-    return [pg.adapt_policy(model, params, pre.obs[i], pre.actions[i], batch.adv_pre[i], pre.mask[i], lr,
-                            first_order=first_order) for i in range(len(batch.adv_pre))]
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self) if f.name != "metrics")
+
+    def chunks(self, size: int) -> list["Samples"]:
+        """Consecutive pieces of at most `size` tasks (size 0: one piece), as `batching` asks."""
+        if size <= 0 or size >= self.num_tasks:
+            return [self]
+        return [Samples(*(t[i:i + size] for t in self.tensors()), {})
+                for i in range(0, self.num_tasks, size)]
 
 
-def sample_batch(model, params: Tensors, env, goals: torch.Tensor, noise_pre: torch.Tensor,
-                 noise_post: torch.Tensor, lr: float, gamma: float = 0.99, lam: float = 1.0) -> RLBatch:
-    """Sample before and after each task's inner step. Metrics: the summed mean undiscounted return per
-    task before and after the step."""
-    pre = env.rollout(policy_act(model, params), goals, noise_pre)
-    adv_pre = pg.advantages(pre.obs, pre.rewards, pre.mask, gamma, lam)
+def sample(model, params: Tensors, batch, spec: InnerSpec) -> Samples:
+    """Sample `batch.shots` trajectories per task with `params`, take each task's inner step without a
+    graph, and sample `batch.query` trajectories with each adapted policy."""
+    env = batch.env
+    pre = env.rollout(policy_act(model, params), batch.goals, batch.noise(0))
+    pre_adv = pg.advantages(pre.obs, pre.rewards, pre.mask, spec.gamma, spec.gae_lambda)
+    fast = adapt_tasks(model, params, pre.obs, pre.actions, pre_adv, pre.mask, spec, 0)
+    post = env.rollout(policy_act(model, fast, per_task=True), batch.goals, batch.noise(1))
+    post_adv = pg.advantages(post.obs, post.rewards, post.mask, spec.gamma, spec.gae_lambda)
     with torch.no_grad():
-        fast = [pg.adapt_policy(model, {n: p.detach() for n, p in params.items()}, pre.obs[i], pre.actions[i],
-                                adv_pre[i], pre.mask[i], lr, first_order=True) for i in range(len(goals))]
-    stacked = {n: torch.stack([f[n] for f in fast]) for n in params}
-    post = env.rollout(policy_act(model, stacked, per_task=True), goals, noise_post)
-    adv_post = pg.advantages(post.obs, post.rewards, post.mask, gamma, lam)
-    with torch.no_grad():
-        old_out = torch.stack([functional_call(model, f, (post.obs[i],)) for i, f in enumerate(fast)])
-    metrics = {"return_pre": pre.returns().mean(1).sum(), "return_post": post.returns().mean(1).sum()}
-    return RLBatch(pre, adv_pre, post, adv_post, old_out, metrics)
+        old_out = vmap(lambda f, o: functional_call(model, f, (o,)))(fast, post.obs)
+    metrics = {"return_before": pre.returns().mean(1).sum(), "return_after": post.returns().mean(1).sum()}
+    return Samples(pre.obs, pre.actions, pre_adv, pre.mask, post.obs, post.actions, post_adv, post.mask,
+                   old_out, metrics)
 
 
-def surrogate(model, params: Tensors, batch: RLBatch, lr: float, first_order: bool = False):
-    """(sum over tasks of the importance-weighted surrogate -mean(ratio * advantage) on the post-update
-    trajectories, sum over tasks of the mean KL from the sampling-time adapted policy), both functions of
-    `params` through the inner step. At the sampling parameters the ratio is 1, and the surrogate's
-    gradient is the REINFORCE meta-gradient."""
-    post = batch.post
-    loss, kl = 0.0, 0.0
-    for i, fast in enumerate(adapt_all(model, params, batch, lr, first_order)):
-        out = functional_call(model, fast, (post.obs[i],))
-        ratio = torch.exp(pg.gaussian_log_prob(out, post.actions[i])
-                          - pg.gaussian_log_prob(batch.old_out[i], post.actions[i]))
-        mask = post.mask[i]
-        loss = loss - (ratio * batch.adv_post[i] * mask).sum() / mask.sum().clamp_min(1)
-        kl = kl + trpo.diagonal_gaussian_kl(batch.old_out[i], out, mask)
-    return loss, kl
+def _terms(model, spec: InnerSpec, params, pre_obs, pre_actions, pre_adv, pre_mask, post_obs, post_actions,
+           post_adv, post_mask, old_out):
+    """One task's (importance-weighted surrogate -mean(ratio * advantage) on its post-update
+    trajectories, mean KL from its sampling-time adapted policy), both functions of `params` through the
+    inner step. At the sampling parameters the ratio is 1 and the surrogate's gradient is the REINFORCE
+    meta-gradient."""
+    fast = pg.adapt_policy(model, params, pre_obs, pre_actions, pre_adv, pre_mask, spec, 0)
+    out = functional_call(model, fast, (post_obs,))
+    ratio = torch.exp(pg.gaussian_log_prob(out, post_actions) - pg.gaussian_log_prob(old_out, post_actions))
+    loss = -(ratio * post_adv * post_mask).sum() / post_mask.sum().clamp_min(1)
+    return loss, trpo.diagonal_gaussian_kl(old_out, out, post_mask)
 
 
-def meta_objective(model, params: Tensors, env, goals: torch.Tensor, noise_pre: torch.Tensor,
-                   noise_post: torch.Tensor, lr: float, gamma: float = 0.99, lam: float = 1.0,
-                   first_order: bool = False):
-    """(the surrogate summed over tasks, metrics) for one freshly sampled batch: the first's gradient in
-    `params` is the MAML-RL meta-gradient (second order unless `first_order`), for Adam outside."""
-    batch = sample_batch(model, params, env, goals, noise_pre, noise_post, lr, gamma, lam)
-    return surrogate(model, params, batch, lr, first_order)[0], batch.metrics
+def _surrogate_objective(model, spec, params, *task):
+    loss, kl = _terms(model, spec, params, *task)
+    return loss, {"kl": kl.detach()}
 
 
-def trpo_step(model, params: Tensors, batch: RLBatch, lr: float, max_kl: float = 0.01, cg_iters: int = 10,
-              damping: float = 1e-5, hvp: str = "exact", fd_eps: float = 1e-5, max_backtracks: int = 15,
-              backtrack: float = 0.8):
-    """The paper's outer step: the natural-gradient direction of the surrogate under the mean KL of the
-    adapted policies (its Hessian-vector products `exact`, by double backward through the inner step,
-    or by `finite_difference` of gradients, step `fd_eps`), then the line search. Returns (new params,
-    info). The exact product is the default: through the inner step the KL's gradient jumps where a ReLU
-    of the policy switches, and a finite difference that straddles one is wrong. On a 32-32 policy in
-    float64 the finite-difference product was 28% off the exact one at fd_eps 1e-5, 3% at 1e-4, and
-    6e-10 at 1e-6; in float32, rounding rules out the small steps."""
-    detached = {n: p.detach() for n, p in params.items()}
-    loss_fn = lambda p: surrogate(model, p, batch, lr)[0]  # noqa: E731
-    kl_fn = lambda p: surrogate(model, p, batch, lr)[1] / len(batch.adv_pre)  # noqa: E731  the mean over tasks
-    leaves = {n: p.clone().requires_grad_() for n, p in detached.items()}
+def _with_metrics(grads: Tensors, samples: Samples, n: int):
+    m = samples.metrics
+    # The loss the trainer shows and checks for divergence: minus the post-update return.
+    return grads, {"tasks": torch.tensor(float(n)), "loss_after": -m["return_after"],
+                   "return_before": m["return_before"], "return_after": m["return_after"]}
+
+
+def meta_gradient(model, params: Tensors, batch, spec: InnerSpec):
+    """(summed meta-gradients, summed metrics, the samples) of one fresh batch: the gradient of the
+    post-update surrogate summed over tasks, through the inner step (second order unless
+    spec.first_order)."""
+    samples = sample(model, params, batch, spec)
+    grads, _ = sum_of_grads(partial(_surrogate_objective, model, spec), params, samples, spec)
+    return *_with_metrics(grads, samples, batch.num_tasks), samples
+
+
+def maml(model, params: Tensors, batch, spec: InnerSpec):
+    """MAML-RL's meta-gradient in the supervised algorithms' shape: (summed gradients, summed metrics).
+    First order, ANIL and Meta-SGD come from the spec and the learned rates in `params`."""
+    return meta_gradient(model, params, batch, spec)[:2]
+
+
+def pretrain(model, params: Tensors, batch, spec: InnerSpec):
+    """The MAML paper's "pretrained" baseline: one policy trained on all tasks jointly by the policy
+    gradient of its own trajectories (no inner step)."""
+    env = batch.env
+    pre = env.rollout(policy_act(model, params), batch.goals, batch.noise(0))
+    adv = pg.advantages(pre.obs, pre.rewards, pre.mask, spec.gamma, spec.gae_lambda)
+    leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
     with torch.enable_grad():
-        grads = dict(zip(leaves, torch.autograd.grad(loss_fn(leaves), list(leaves.values()))))
+        lp = pg.gaussian_log_prob(functional_call(model, model_params(leaves), (pre.obs,)), pre.actions)
+        loss = pg.reinforce_loss(lp, adv, pre.mask).sum()
+        g = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
+    ret = pre.returns().mean(1).sum()
+    return dict(zip(leaves, g)), {"tasks": torch.tensor(float(batch.num_tasks)), "loss_after": -ret,
+                                  "return_before": ret, "return_after": ret}
+
+
+def kl_sum(model, params: Tensors, samples: Samples, spec: InnerSpec) -> torch.Tensor:
+    """The adapted policies' KL summed over the tasks of `samples`, a differentiable function of `params`."""
+    return map_tasks(lambda p, *task: {"kl": _terms(model, spec, p, *task)[1]}, params, samples, spec)["kl"].sum()
+
+
+def fvp(model, params: Tensors, samples: Samples, spec: InnerSpec, v: Tensors, hvp: str = "exact",
+        fd_eps: float = 1e-5) -> Tensors:
+    """The Hessian of `kl_sum` at `params` times `v`: `exact` by double backward through the inner step,
+    or by `finite_difference` of its gradient. The exact product is the default: through the inner step
+    the KL's gradient jumps where a ReLU of the policy switches, and a finite difference that straddles
+    one is wrong. On a 32-32 policy in float64 the finite-difference product was 28% off the exact one
+    at fd_eps 1e-5, 3% at 1e-4, and 6e-10 at 1e-6; in float32, rounding rules out the small steps."""
+    f = partial(kl_sum, model, samples=samples, spec=spec)
     if hvp == "exact":
-        fvp = lambda v: trpo.hvp_exact(kl_fn, detached, v)  # noqa: E731
-    else:
-        fvp = lambda v: trpo.hvp_finite_difference(kl_fn, detached, v, eps=fd_eps)  # noqa: E731
-    step = trpo.natural_step(grads, fvp, max_kl, cg_iters, damping)
+        return trpo.hvp_exact(f, params, v)
+    return trpo.hvp_finite_difference(f, params, v, eps=fd_eps)
 
-    def evaluate(p: Tensors) -> tuple[float, float]:
-        loss, kl = surrogate(model, p, batch, lr)
-        return loss.item(), kl.item() / len(batch.adv_pre)
 
+def surrogate(model, params: Tensors, samples: Samples, spec: InnerSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(surrogate summed over tasks, KL summed over tasks) at candidate `params`, without a graph."""
     with torch.no_grad():
-        new, k, before, (after, kl) = trpo.line_search(evaluate, detached, step, max_kl, max_backtracks, backtrack)
-    return new, {"surrogate_before": before, "surrogate_after": after, "kl": kl, "backtracks": k}
+        out = map_tasks(lambda p, *task: dict(zip(("loss", "kl"), _terms(model, spec, p, *task))),
+                        {n: p.detach() for n, p in params.items()}, samples, spec)
+    return out["loss"].sum(), out["kl"].sum()
+
+
+def rounds(model, params: Tensors, batch, spec: InnerSpec, steps: int):
+    """The rollouts of sampling rounds 0..steps: round k with each task's policy after k inner steps,
+    each step taken on the trajectories of the round before (the MAML paper's RL evaluation)."""
+    act, fast, per_task = policy_act(model, params), params, False
+    # The learned rates (Meta-SGD, LSLR) travel with each task's adapted parameters after the first step.
+    rates = {n: v for n, v in params.items() if "/" in n}
+    for k in range(steps + 1):
+        roll = batch.env.rollout(act, batch.goals, batch.noise(k))
+        yield roll
+        if k == steps:
+            return
+        adv = pg.advantages(roll.obs, roll.rewards, roll.mask, spec.gamma, spec.gae_lambda)
+        if per_task:
+            fast = {**fast, **{n: v.expand(batch.num_tasks, *v.shape) for n, v in rates.items()}}
+        fast = adapt_tasks(model, fast, roll.obs, roll.actions, adv, roll.mask, spec, k, per_task=per_task)
+        per_task = True
+        act = policy_act(model, fast, per_task=True)
+
+
+def curves(model, params: Tensors, batch, spec: InnerSpec) -> dict[str, torch.Tensor]:
+    """{"return": (T, S+1)}: each task's mean undiscounted return per trajectory after 0..spec.steps
+    inner steps, on fresh trajectories after every step (`rounds`)."""
+    return {"return": torch.stack([r.returns().mean(1) for r in rounds(model, params, batch, spec, spec.steps)], 1)}
+
+
+def trajectories(model, params: Tensors, batch, spec: InnerSpec, steps: tuple[int, ...] = (0, 1)) -> dict:
+    """{k: (positions (T, H, 2), mask (T, H))} of each task's first trajectory after k inner steps, for
+    k in `steps`: the data of the paper's qualitative figure."""
+    return {k: (r.obs[:, 0], r.mask[:, 0]) for k, r in enumerate(rounds(model, params, batch, spec, max(steps)))
+            if k in steps}

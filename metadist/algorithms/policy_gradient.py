@@ -17,7 +17,8 @@ import math
 import torch
 from torch.func import functional_call
 
-from metadist.algorithms.adaptation import Tensors, inner_grad
+from metadist.algorithms.adaptation import Tensors, inner_grad, model_params, step_lr
+from metadist.algorithms.spec import InnerSpec
 
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -102,15 +103,20 @@ def gaussian_log_prob(out: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
 
 
 def adapt_policy(model, params: Tensors, obs: torch.Tensor, actions: torch.Tensor, adv: torch.Tensor,
-                 mask: torch.Tensor, lr: float, first_order: bool = False) -> Tensors:
-    """One task's inner step: params - lr * grad of its REINFORCE surrogate on its trajectories (N, H, ...).
-    Differentiable in `params` (second order) unless `first_order`."""
+                 mask: torch.Tensor, spec: InnerSpec, k: int = 0) -> Tensors:
+    """One task's inner step `k` on its trajectories (N, H, ...): the policy's parameters minus the
+    step's rate (`adaptation.step_lr`: spec.lr, a learned Meta-SGD or LSLR rate, spec.later_lr after the
+    first step) times the gradient of its REINFORCE surrogate; only the head with spec.adapt `head`
+    (ANIL). Differentiable in `params` (second order) unless spec.first_order. Returns the policy's own
+    parameters (without learned rates)."""
+    fast = model_params(params)
+    names = [n for n in fast if n.startswith("head.")] if spec.adapt == "head" else list(fast)
 
     def loss(ad: Tensors):
-        lp = gaussian_log_prob(functional_call(model, ad, (obs,)), actions)
+        lp = gaussian_log_prob(functional_call(model, {**fast, **ad}, (obs,)), actions)
         return reinforce_loss(lp[None], adv[None], mask[None])[0], {}
 
-    g, _ = inner_grad(loss, params, create_graph=not first_order)
-    if first_order:
+    g, _ = inner_grad(loss, {n: fast[n] for n in names}, create_graph=not spec.first_order)
+    if spec.first_order:
         g = {n: v.detach() for n, v in g.items()}
-    return {n: params[n] - lr * g[n] for n in params}
+    return {**fast, **{n: fast[n] - step_lr(params, n, k, spec) * g[n] for n in names}}

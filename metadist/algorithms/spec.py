@@ -15,7 +15,8 @@ TASK_PARALLEL = ("vmap", "loop")
 @dataclass(frozen=True)
 class InnerSpec:
     loss: str = "mse"
-    """`mse` (regression) or `ce` (classification, also reports accuracy)."""
+    """`mse` (regression), `ce` (classification, also reports accuracy) or `pg` (reinforcement learning:
+    the REINFORCE surrogate of sampled trajectories)."""
     steps: int = 1
     """Inner gradient steps."""
     lr: float = 0.01
@@ -42,6 +43,13 @@ class InnerSpec:
     """Parameters adapted in the inner loop: `all`, or `head` (ANIL)."""
     inner_optimizer: str = "sgd"
     """Reptile's inner optimizer, `sgd` or `adam`."""
+    later_lr: float | None = None
+    """The rate of inner steps after the first where it is not learned (None: `lr`); the MAML paper's RL
+    evaluation halves it."""
+    gamma: float = 0.99
+    """`pg`: the discount of the returns behind the baseline and the advantages."""
+    gae_lambda: float = 1.0
+    """`pg`: generalised advantage estimation's lambda."""
     keep_outputs: bool = False
     """With `track`, also return the query predictions after every inner step (`out_steps`), for plots
     drawn from exactly the adaptation that evaluation runs."""
@@ -83,7 +91,7 @@ def make_spec(cfg, outer_step: int = 0, track: bool = False, task_parallel: str 
     when the config says `auto`."""
     algo = cfg.algorithm
     first_order = algo.name == "fomaml" or outer_step < algo.first_order_until
-    loss = "mse" if cfg.task.family == "sinusoid" else "ce"
+    loss = {"sinusoid": "mse", "navigation": "pg"}.get(cfg.task.family, "ce")
     return InnerSpec(
         loss=loss,
         steps=cfg.inner.steps,
@@ -96,6 +104,8 @@ def make_spec(cfg, outer_step: int = 0, track: bool = False, task_parallel: str 
         chunk=algo.chunk,
         adapt="head" if algo.name == "anil" else "all",
         inner_optimizer=algo.reptile_optimizer,
+        gamma=cfg.rl.gamma,
+        gae_lambda=cfg.rl.gae_lambda,
     )
 
 
@@ -103,7 +113,7 @@ def make_eval_spec(cfg, steps: int | None = None, task_parallel: str | None = No
     """The spec for test-time adaptation: `eval.steps` steps at `eval.lr`, statistics per step."""
     spec = make_spec(cfg, outer_step=cfg.train.steps, track=True, task_parallel=task_parallel)
     return spec.with_(steps=cfg.eval.steps if steps is None else steps,
-                      lr=cfg.eval.lr or cfg.inner.lr, first_order=True, msl_weights=None,
+                      lr=cfg.eval.lr or cfg.inner.lr, later_lr=cfg.eval.later_lr, first_order=True, msl_weights=None,
                       bn_eval=spec.bn == "per_step", chunk=cfg.eval.batch,
                       # Evaluation adapts by gradient descent for every algorithm, Reptile included.
                       inner_optimizer="sgd")

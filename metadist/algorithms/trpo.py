@@ -104,3 +104,16 @@ def line_search(evaluate: Callable[[Tensors], tuple[float, float]], params: Tens
         if loss < before and kl <= max_kl:
             return candidate, k, before, (loss, kl)
     return params, None, before, (before, 0.0)
+
+
+def outer_step(params: Tensors, grad: Tensors, fvp: Callable[[Tensors], Tensors],
+               evaluate: Callable[[Tensors], tuple[float, float]], max_kl: float, cg_iters: int = 10,
+               damping: float = 1e-5, max_backtracks: int = 15, backtrack: float = 0.8):
+    """One TRPO step from `params` for a loss with gradient `grad` (mean over tasks), the mean KL's
+    Hessian-vector products `fvp` and the (mean loss, mean KL) of candidate parameters `evaluate`:
+    (new params, info with the surrogate before and after, the KL and the backtracks taken)."""
+    step = natural_step(grad, fvp, max_kl, cg_iters, damping)
+    with torch.no_grad():
+        new, k, before, (after, kl) = line_search(evaluate, params, step, max_kl, max_backtracks, backtrack)
+    return new, {"surrogate_before": before, "surrogate_after": after, "kl": kl,
+                 "backtracks": -1 if k is None else k}

@@ -10,6 +10,7 @@ import torch
 
 from metadist.models.conv4 import Conv4
 from metadist.models.mlp import MLP
+from metadist.models.policy import GaussianPolicy
 
 
 
@@ -26,7 +27,12 @@ def _conv4(cfg) -> Conv4:
                  bn_steps=bn_steps)
 
 
-MODELS = {"mlp": _mlp, "conv4": _conv4}
+def _policy(cfg) -> GaussianPolicy:
+    m = cfg.model
+    return GaussianPolicy(obs_dim=2, hidden=list(m.hidden), act_dim=2, init_std=m.init_std)
+
+
+MODELS = {"mlp": _mlp, "conv4": _conv4, "policy": _policy}
 """`model.name` -> the function that builds that network from the run config."""
 
 

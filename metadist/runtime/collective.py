@@ -113,6 +113,23 @@ class CollectiveExecutor:
                           {k: total[f"sum/{k}"].to(sums[k].dtype) for k in sums}, compute_s,
                           max(wall - compute_s, 0.0))
 
+    def fvp(self, params: Tensors, step: int, spec: InnerSpec, tasks: int, v: Tensors) -> Tensors:
+        """TRPO: the summed KL's Hessian-vector product over the meta-batch of `step`: this rank's share on
+        its trajectories of the step, all-reduced; a collective call."""
+        share = split_tasks(tasks, self.world)[self.rank]
+        hv = self.shard.fvp(params, step, spec, share, v)
+        layout = Layout.of(hv)
+        flat = layout.flatten(hv)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        return layout.unflatten(flat)
+
+    def surrogate(self, params: Tensors, step: int, spec: InnerSpec, tasks: int, candidate: Tensors) -> torch.Tensor:
+        """TRPO: (summed surrogate, summed KL) over the meta-batch of `step` at `candidate`; a collective call."""
+        both = self.shard.surrogate(params, step, spec, split_tasks(tasks, self.world)[self.rank], candidate)
+        both = both.to(self.device)
+        dist.all_reduce(both, op=dist.ReduceOp.SUM)
+        return both.cpu()
+
     def eval_curves(self, params: Tensors, buffers: Tensors, split: str, episodes: int, steps: int,
                     task_parallel: str) -> Tensors:
         """The per-episode curves of the fixed `split` episodes 0..episodes-1: this rank adapts its share

@@ -23,9 +23,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 
-from metadist.algorithms import init_meta_params, make_spec
+from metadist.algorithms import init_meta_params, make_spec, trpo
 from metadist.config import Config, dump_config, from_dict, to_dict
-from metadist.evaluation import evaluate, print_eval, sine_fits
+from metadist.evaluation import evaluate, navigation_paths, print_eval, sine_fits
 from metadist.models import build_model
 from metadist.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metadist.runtime.errors import TrainingDiverged
@@ -126,10 +126,12 @@ class Trainer:
         self.params = {n: p.to(self.device) for n, p in init_meta_params(self.model, cfg).items()}
         for p in self.model.parameters():
             p.requires_grad_(False)  # the model only carries structure and buffers; params are explicit
-        opt_cls = torch.optim.Adam if cfg.outer.optimizer == "adam" else torch.optim.SGD
-        self.optimizer = opt_cls(list(self.params.values()), lr=cfg.outer.lr)
+        # TRPO's step is computed from the executor's sums each step (`trpo_step`): no optimizer state.
+        opt_cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}.get(cfg.outer.optimizer)
+        self.optimizer = opt_cls(list(self.params.values()), lr=cfg.outer.lr) if opt_cls else None
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=cfg.train.steps, eta_min=cfg.outer.min_lr) if cfg.outer.cosine else None)
+            self.optimizer, T_max=cfg.train.steps, eta_min=cfg.outer.min_lr)
+            if cfg.outer.cosine and self.optimizer else None)
         self.tasks = build_tasks(cfg)  # evaluation tasks; training tasks are drawn by the executor
         # `vmap` or `loop` for training and evaluation alike; `auto` is resolved once, at start.
         self.task_parallel = None if cfg.algorithm.task_parallel == "auto" else cfg.algorithm.task_parallel
@@ -204,13 +206,17 @@ class Trainer:
         sums = result.sums
         n = sums.pop("tasks")
         self.last_loss = (sums["loss_after"] / n).item()
-        lr_outer = self.optimizer.param_groups[0]["lr"]  # the rate this step uses, before the schedule moves
-        self.outer_step(result.grads, sums, n)
+        if self.optimizer is None:
+            lr_outer, extra = math.nan, self.trpo_step(result.grads, n, step, spec)
+        else:
+            lr_outer = self.optimizer.param_groups[0]["lr"]  # the rate this step uses, before the schedule moves
+            self.outer_step(result.grads, sums, n)
+            extra = {}
         self.step += 1
         self.clock.add(cfg.train.meta_batch, time.perf_counter() - start, result.compute_s, result.comm_s)
         self.last_record = None
         if track:
-            record = {"step": step, "lr_outer": lr_outer}
+            record = {"step": step, **({"lr_outer": lr_outer} if self.optimizer else {}), **extra}
             for k, v in sums.items():
                 if not k.startswith("bn_"):
                     v = v / n if k != "diverged" else v
@@ -221,16 +227,44 @@ class Trainer:
         """Mean meta-gradient -> outer optimizer step; fold BatchNorm statistics in per_step mode."""
         for name, p in self.params.items():
             p.grad = grads[name].to(self.device) / n
-        if not math.isfinite(self.last_loss) or not all(torch.isfinite(p.grad).all() for p in self.params.values()):
-            raise TrainingDiverged(
-                f"the meta-loss or meta-gradient is not finite at step {self.step}; the inner loop diverged "
-                f"(inner.lr={self.cfg.inner.lr}, outer.lr={self.cfg.outer.lr}): lower one of them")
+        self._check_finite([p.grad for p in self.params.values()])
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         if "bn_mean" in sums:
             self.model.update_running_stats(sums["bn_mean"].to(self.device) / n,
                                             sums["bn_var"].to(self.device) / n, self.cfg.model.bn_momentum)
+
+    def trpo_step(self, grads: dict, n: torch.Tensor, step: int, spec) -> dict:
+        """The TRPO outer step (`outer.optimizer: trpo`): the natural-gradient direction and line search
+        of `algorithms.trpo`, on the mean KL's Hessian-vector products and the candidates' surrogate,
+        which the executor sums over the meta-batch's trajectories of this step (they never leave the
+        workers). Returns the step's TRPO metrics."""
+        rl, tasks = self.cfg.rl, self.cfg.train.meta_batch
+        start = {k: v.detach().clone() for k, v in self.params.items()}
+        grad = {k: grads[k].to(self.device) / n for k in start}
+        self._check_finite(list(grad.values()))
+
+        def fvp(v: dict) -> dict:
+            return {k: x.to(self.device) / n for k, x in self.executor.fvp(start, step, spec, tasks, v).items()}
+
+        def evaluate(candidate: dict) -> tuple[float, float]:
+            loss, kl = (self.executor.surrogate(start, step, spec, tasks, candidate) / n).tolist()
+            return loss, kl
+
+        new, info = trpo.outer_step(start, grad, fvp, evaluate, rl.max_kl, rl.cg_iters, rl.cg_damping,
+                                    rl.line_search_steps, rl.backtrack)
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(new[k])
+        return {"trpo_kl": info["kl"], "trpo_backtracks": info["backtracks"],
+                "trpo_improvement": info["surrogate_before"] - info["surrogate_after"]}
+
+    def _check_finite(self, grads: list) -> None:
+        if not math.isfinite(self.last_loss) or not all(torch.isfinite(g).all() for g in grads):
+            raise TrainingDiverged(
+                f"the meta-loss or meta-gradient is not finite at step {self.step}; the inner loop diverged "
+                f"(inner.lr={self.cfg.inner.lr}, outer.lr={self.cfg.outer.lr}): lower one of them")
 
     # -- the callbacks' steps ---------------------------------------------------------------------
     def log_training(self) -> None:
@@ -350,6 +384,12 @@ class Trainer:
             fits = {label: sine_fits(self.model, params, self.cfg, self.tasks, task_parallel=self.task_parallel,
                                      n_tasks=self.cfg.tracking.plot_tasks) for label, params in sets.items()}
             out["plots/sine_fits.png"] = plots.sine_fits(fits)
+        if self.cfg.task.family == "navigation":
+            sets = {"before meta-training": base["params"]} if base else {}
+            sets["after meta-training"] = self.params
+            paths = {label: navigation_paths(self.model, params, self.cfg, self.tasks, self.cfg.tracking.plot_tasks)
+                     for label, params in sets.items()}
+            out["plots/navigation_paths.png"] = plots.navigation_paths(paths)
         return out
 
     def close(self) -> None:
@@ -384,7 +424,7 @@ class Trainer:
             "step": self.step,
             "params": {k: v.detach().cpu() for k, v in self.params.items()},
             "buffers": {k: v.cpu() for k, v in self.model.named_buffers()},
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "torch_rng": torch.get_rng_state(),
             # Procedural tasks are a pure function of (seed, step, index): the step is their cursor.
@@ -399,7 +439,8 @@ class Trainer:
         for k, v in state["params"].items():
             self.params[k].copy_(v)
         self.model.load_state_dict({**self.model.state_dict(), **state["buffers"]}, strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from metadist.algorithms import ALGORITHMS
-from metadist.algorithms import batching
+from metadist.algorithms import algorithm_for, batching, maml_rl
 from metadist.algorithms.spec import InnerSpec
 from metadist.config import Config, ConfigError
 from metadist.evaluation import episode_curves
@@ -69,9 +68,11 @@ class TaskShard:
             self.model = build_model(cfg).to(self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.algorithm = ALGORITHMS[cfg.algorithm.name]
+        self.algorithm = algorithm_for(cfg)
         self.tasks = build_tasks(cfg, rank, world)
         self._drawn = None  # (step, indices, batch) drawn to time `auto`, reused by that step's compute
+        # TRPO's products and line search use the trajectories the step's meta-gradient was taken on.
+        self._samples = None  # (step, indices, samples)
 
     def _batch(self, step: int, indices: range):
         if self._drawn is not None and self._drawn[:2] == (step, indices):
@@ -92,7 +93,35 @@ class TaskShard:
         """Summed meta-gradients and metrics of tasks `indices` of outer step `step`."""
         batch = self._batch(step, indices)
         params = {k: v.to(self.device) for k, v in params.items()}
+        if self.cfg.outer.optimizer == "trpo":
+            grads, sums, samples = maml_rl.meta_gradient(self.model, params, batch, spec)
+            self._samples = (step, indices, samples)
+            return grads, sums
         return self.algorithm(self.model, params, batch, spec)
+
+    def _step_samples(self, params: Tensors, step: int, spec: InnerSpec, indices: range):
+        # A replaced worker has none: it samples them again from the step's parameters (a pure function
+        # of those, the seed, the step and the indices), so the products do not change.
+        if self._samples is None or self._samples[:2] != (step, indices):
+            self.compute(params, step, spec, indices)
+        return self._samples[2]
+
+    def fvp(self, params: Tensors, step: int, spec: InnerSpec, indices: range, v: Tensors) -> Tensors:
+        """TRPO: the Hessian of this shard's summed KL times `v`, at the step's parameters `params`, on
+        the trajectories of the step's meta-gradient."""
+        params = {k: p.to(self.device) for k, p in params.items()}
+        samples = self._step_samples(params, step, spec, indices)
+        rl = self.cfg.rl
+        return maml_rl.fvp(self.model, params, samples, spec, {k: x.to(self.device) for k, x in v.items()},
+                           rl.hvp, rl.fd_eps)
+
+    def surrogate(self, params: Tensors, step: int, spec: InnerSpec, indices: range,
+                  candidate: Tensors) -> torch.Tensor:
+        """TRPO: (this shard's summed surrogate, summed KL) at `candidate`, on the step's trajectories."""
+        params = {k: p.to(self.device) for k, p in params.items()}
+        samples = self._step_samples(params, step, spec, indices)
+        loss, kl = maml_rl.surrogate(self.model, {k: x.to(self.device) for k, x in candidate.items()}, samples, spec)
+        return torch.stack([loss, kl]).cpu()
 
     def eval_curves(self, params: Tensors, buffers: Tensors, split: str, indices: range, steps: int,
                     task_parallel: str) -> Tensors:
@@ -131,6 +160,14 @@ class LocalExecutor:
         start = time.perf_counter()
         grads, sums = self.shard.compute(params, step, spec, range(tasks))
         return StepResult(grads, sums, time.perf_counter() - start)
+
+    def fvp(self, params: Tensors, step: int, spec: InnerSpec, tasks: int, v: Tensors) -> Tensors:
+        """TRPO: the summed KL's Hessian-vector product over the meta-batch of `step`."""
+        return self.shard.fvp(params, step, spec, range(tasks), v)
+
+    def surrogate(self, params: Tensors, step: int, spec: InnerSpec, tasks: int, candidate: Tensors) -> torch.Tensor:
+        """TRPO: (summed surrogate, summed KL) of the meta-batch of `step` at `candidate`."""
+        return self.shard.surrogate(params, step, spec, range(tasks), candidate)
 
     def data_state(self) -> list:
         return [self.shard.data_state()]

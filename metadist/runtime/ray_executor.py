@@ -70,6 +70,16 @@ class MetaWorker:
     def choose_task_parallel(self, flat_params: np.ndarray, step: int, spec: InnerSpec, indices: range) -> str:
         return self.shard.choose_task_parallel(self._params(flat_params), step, spec, indices)
 
+    def fvp(self, flat_params: np.ndarray, step: int, spec: InnerSpec, indices: range, flat_v: np.ndarray) -> np.ndarray:
+        """TRPO: this worker's summed-KL Hessian-vector product on its tasks of `step`, flat."""
+        hv = self.shard.fvp(self._params(flat_params), step, spec, indices, self._params(flat_v))
+        return self.layout.flatten(hv).cpu().numpy()
+
+    def surrogate(self, flat_params: np.ndarray, step: int, spec: InnerSpec, indices: range,
+                  flat_candidate: np.ndarray) -> torch.Tensor:
+        """TRPO: (summed surrogate, summed KL) of this worker's tasks of `step` at the candidate."""
+        return self.shard.surrogate(self._params(flat_params), step, spec, indices, self._params(flat_candidate))
+
     def eval_curves(self, flat_params: np.ndarray, buffers: Tensors, split: str, indices: range, steps: int,
                     task_parallel: str) -> Tensors:
         """This worker's share of an evaluation: per-episode curves of the fixed episodes `indices`."""
@@ -208,6 +218,25 @@ class RayExecutor:
         compute_s = max(r[2] for r in results.values())
         wall = time.perf_counter() - start
         return StepResult(self.layout.unflatten(total), sums, compute_s, max(wall - compute_s, 0.0))
+
+    def fvp(self, params: Tensors, step: int, spec: InnerSpec, tasks: int, v: Tensors) -> Tensors:
+        """TRPO: the summed KL's Hessian-vector product over the meta-batch of `step`, each worker on the
+        trajectories it sampled for the step's meta-gradient (a replaced worker samples them again)."""
+        ref, vref = ray.put(self._flat(params)), ray.put(self._flat(v))
+        results = self._on_workers(split_tasks(tasks, len(self.actors)),
+                                   lambda actor, share: actor.fvp.remote(ref, step, spec, share, vref))
+        total = None
+        for rank in sorted(results):  # a fixed order, as for the gradients
+            flat = readonly_view(results[rank])
+            total = flat.clone() if total is None else total.add_(flat)
+        return self.layout.unflatten(total)
+
+    def surrogate(self, params: Tensors, step: int, spec: InnerSpec, tasks: int, candidate: Tensors) -> torch.Tensor:
+        """TRPO: (summed surrogate, summed KL) over the meta-batch of `step` at `candidate`."""
+        ref, cref = ray.put(self._flat(params)), ray.put(self._flat(candidate))
+        results = self._on_workers(split_tasks(tasks, len(self.actors)),
+                                   lambda actor, share: actor.surrogate.remote(ref, step, spec, share, cref))
+        return sum(results[rank] for rank in sorted(results))
 
     def eval_curves(self, params: Tensors, buffers: Tensors, split: str, episodes: int, steps: int,
                     task_parallel: str) -> Tensors:

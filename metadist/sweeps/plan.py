@@ -70,9 +70,10 @@ class SweepConfig:
     """`key=value` overrides applied to the base job for every trial, e.g. `train.steps=2000`."""
     metric: str = "auto"
     """Validation metric to optimise: `val_mse` / `val_accuracy` (after `eval.steps` test-time steps) or
-    `val_<metric>_<k>` after k steps; `auto` picks `val_mse` for sinusoids, `val_accuracy` for images."""
+    `val_<metric>_<k>` after k steps; `auto` picks `val_mse` for sinusoids, `val_accuracy` for images,
+    `val_return` for navigation."""
     mode: Literal["auto", "min", "max"] = "auto"
-    """Whether lower or higher `metric` is better; `auto`: min for MSE, max for accuracy."""
+    """Whether lower or higher `metric` is better; `auto`: min for MSE, max for accuracy and return."""
     search: Literal["random", "grid", "optuna"] = "random"
     """`random` samples the space (grid keys are still crossed), `grid` tries every combination of
     `grid`/`choice` values, `optuna` uses Optuna's TPE sampler (`pip install 'metadist[optuna]'`)."""
@@ -254,13 +255,13 @@ def plan_sweep(sweep: SweepConfig, sweep_file: Path | None = None) -> SweepPlan:
     if data_path and "://" not in data_path:
         job["data"]["path"] = str(Path(data_path).resolve())  # Tune runs trials in other directories
 
-    metric_name = "mse" if cfg.task.family == "sinusoid" else "accuracy"
+    metric_name = {"sinusoid": "mse", "navigation": "return"}.get(cfg.task.family, "accuracy")
     allowed = [f"val_{metric_name}"] + [f"val_{metric_name}_{k}" for k in range(cfg.eval.steps + 1)]
     metric = allowed[0] if sweep.metric == "auto" else sweep.metric
     if metric not in allowed:
         raise ConfigError(f"metric: {sweep.metric!r} is not reported by this job; allowed: auto, "
                           f"{', '.join(allowed)}")
-    mode = sweep.mode if sweep.mode != "auto" else ("max" if metric_name == "accuracy" else "min")
+    mode = sweep.mode if sweep.mode != "auto" else ("min" if metric_name == "mse" else "max")
     grace = sweep.scheduler.grace_period or report_every
     if sweep.scheduler.name == "asha" and grace >= cfg.train.steps:
         raise ConfigError(f"scheduler.grace_period: {grace} steps is not below train.steps={cfg.train.steps}; "

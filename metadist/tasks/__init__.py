@@ -10,6 +10,9 @@ def build_tasks(cfg, rank: int = 0, world: int = 1):
     """The task source for `cfg.task.family`; `rank` of `world` workers picks a worker's shards."""
     if cfg.task.family == "sinusoid":
         return SinusoidTasks.from_config(cfg)
+    if cfg.task.family == "navigation":
+        from metadist.tasks.navigation import NavigationTasks
+        return NavigationTasks.from_config(cfg)
     if cfg.task.family == "noise":
         return NoiseImageTasks.from_config(cfg)
     if not cfg.data.path:

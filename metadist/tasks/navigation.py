@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from metadist.episode import episode_range
 from metadist.tasks.describe import procedural
 from metadist.tasks.sinusoid import task_seeds, uniforms
 
@@ -43,6 +44,35 @@ class Rollouts:
         return (self.rewards * self.mask).sum(-1)
 
 
+@dataclass
+class NavigationBatch:
+    """Tasks `indices` of outer step `step` in `split`: their goals, and the action noise of each sampling
+    round on demand (`noise(phase, trajectories)`), on `device`. `shots` trajectories are sampled before
+    adaptation and `query` after each step."""
+
+    env: "NavigationTasks"
+    split: str
+    step: int
+    indices: range
+    goals: torch.Tensor
+    shots: int
+    query: int
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.indices)
+
+    def noise(self, phase: int) -> torch.Tensor:
+        """(T, N, H, 2) the noise of sampling round `phase` (0: before adaptation, k: after step k)."""
+        n = self.shots if phase == 0 else self.query
+        return self.env.noise(self.split, self.step, self.indices, phase, n).to(self.device)
+
+    def to(self, device) -> "NavigationBatch":
+        return NavigationBatch(self.env, self.split, self.step, self.indices, self.goals.to(device),
+                               self.shots, self.query, torch.device(device))
+
+
 class NavigationTasks:
     """Goals and action noise of 2-D navigation tasks, and the batched environment step."""
 
@@ -53,6 +83,23 @@ class NavigationTasks:
         self.max_action = max_action
         self.horizon = horizon
         self.success = success
+
+    @classmethod
+    def from_config(cls, cfg) -> "NavigationTasks":
+        t = cfg.task
+        return cls(cfg.seed, t.goal_range, t.max_action, t.horizon)
+
+    def sample(self, step: int, indices, shots: int, query: int) -> NavigationBatch:
+        """Training tasks for one outer step: `shots` trajectories before the inner step, `query` after."""
+        indices = episode_range(indices)
+        return NavigationBatch(self, "train", step, indices, self.goals("train", step, indices), shots, query)
+
+    def fixed(self, split: str, n: int | range, shots: int, query: int) -> NavigationBatch:
+        """The fixed evaluation goals of `split` (its first n, or those of range n), with `shots`
+        trajectories in every sampling round; the same for every run with this seed."""
+        indices = episode_range(n)
+        # Step -1 is never a training step, so evaluation goals cannot coincide with training ones.
+        return NavigationBatch(self, split, -1, indices, self.goals(split, -1, indices), shots, shots)
 
     def goals(self, split: str, step: int, indices) -> torch.Tensor:
         """(T, 2) the goals of tasks `indices` of outer step `step` in `split`."""
@@ -84,8 +131,8 @@ class NavigationTasks:
         policy's mean plus its standard deviation times the noise. The environment is not differentiated
         through; the policy gradient needs only the actions' log-likelihood."""
         t, n, h, _ = noise.shape
-        position = torch.zeros(t, n, 2, dtype=noise.dtype)
-        alive = torch.ones(t, n, dtype=noise.dtype)
+        position = torch.zeros(t, n, 2, dtype=noise.dtype, device=noise.device)
+        alive = torch.ones(t, n, dtype=noise.dtype, device=noise.device)
         obs, actions, rewards, mask = [], [], [], []
         goal = goals[:, None, :].to(noise.dtype)
         with torch.no_grad():

@@ -13,6 +13,7 @@ from metadist.config import from_dict
 from metadist.models import MODELS, build_model, head_names
 from metadist.models.conv4 import Conv4, MetaBatchNorm2d
 from metadist.models.mlp import MLP
+from metadist.models.policy import GaussianPolicy
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -164,7 +165,11 @@ def test_build_model_conv4_keeps_running_statistics_for_every_step():
 
 
 def test_model_registry_is_keyed_by_config_names():
-    assert set(MODELS) == {"mlp", "conv4"}
+    assert set(MODELS) == {"mlp", "conv4", "policy"}
     assert type(MODELS["mlp"](from_dict({}))) is MLP
+    nav = from_dict({"task": {"family": "navigation"}, "model": {"name": "policy", "hidden": [7], "init_std": 0.5}})
+    policy = MODELS["policy"](nav)
+    assert type(policy) is GaussianPolicy and policy.body[0].out_features == 7
+    assert torch.allclose(policy.head.log_std.exp(), torch.tensor([0.5, 0.5]))
     cfg = from_dict({"task": {"family": "noise", "ways": 3}, "model": {"name": "conv4", "image_size": 16}})
     assert type(MODELS["conv4"](cfg)) is Conv4

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from metadist.algorithms import policy_gradient as pg
+from metadist.algorithms.spec import InnerSpec
 from metadist.tasks.navigation import NavigationTasks
 
 
@@ -160,8 +161,8 @@ def test_the_inner_policy_gradient_step_has_the_second_order_meta_gradient():
     def objective(p, first_order=False):
         total = 0.0
         for i in range(2):
-            fast = pg.adapt_policy(model, p, pre[0][i], acts[0][i], adv[0][i], pre[2][i], lr=0.5,
-                                   first_order=first_order)
+            fast = pg.adapt_policy(model, p, pre[0][i], acts[0][i], adv[0][i], pre[2][i],
+                                   InnerSpec(loss="pg", lr=0.5, first_order=first_order))
             lp = pg.gaussian_log_prob(functional_call(model, fast, (post[0][i],)), acts[1][i])
             total = total + pg.reinforce_loss(lp[None], adv[1][i][None], post[2][i][None])[0]
         return total
@@ -185,59 +186,3 @@ def test_the_inner_policy_gradient_step_has_the_second_order_meta_gradient():
     assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, looped))
     # The second-order term matters here: first order is a different gradient.
     assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, first))
-
-
-@pytest.mark.slow
-def test_maml_rl_meta_trains_the_policy_to_adapt_in_one_step():
-    # 20 outer steps of second-order MAML on 2-D navigation (meta-batch 10, 20 trajectories per task,
-    # inner lr 0.1, Adam 0.01 outside): one policy-gradient step from the meta-learned policy gains far
-    # more than one from the initial policy. (Measured: post-update return -95 at step 0, about -20
-    # after 20 steps, while the pre-update return stays near -45.)
-    from metadist.algorithms.maml_rl import meta_objective
-    from metadist.models.policy import GaussianPolicy
-
-    torch.manual_seed(0)
-    model = GaussianPolicy()
-    env = NavigationTasks(seed=0)
-    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
-    opt = torch.optim.Adam(params.values(), lr=0.01)
-    gains, posts = [], []
-    for step in range(20):
-        idx = range(10)
-        loss, m = meta_objective(model, params, env, env.goals("train", step, idx),
-                                 env.noise("train", step, idx, 0, 20), env.noise("train", step, idx, 1, 20), lr=0.1)
-        opt.zero_grad()
-        (loss / 10).backward()
-        opt.step()
-        posts.append(m["return_post"].item() / 10)
-        gains.append((m["return_post"] - m["return_pre"]).item() / 10)
-    assert posts[0] < -80 and sum(posts[-5:]) / 5 > -35, posts
-    assert gains[0] < 5 and sum(gains[-5:]) / 5 > 10, gains
-
-
-@pytest.mark.slow
-def test_a_trpo_meta_step_lowers_the_surrogate_within_the_kl_bound_by_either_product():
-    # The paper's outer step through the inner step: the natural-gradient direction under the adapted
-    # policies' mean KL, from exact Hessian-vector products or from finite differences of gradients.
-    from metadist.algorithms import trpo
-    from metadist.algorithms.maml_rl import sample_batch, surrogate, trpo_step
-    from metadist.models.policy import GaussianPolicy
-
-    torch.manual_seed(0)
-    model = GaussianPolicy(hidden=[32, 32]).double()
-    env = NavigationTasks(seed=0)
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    idx = range(4)
-    batch = sample_batch(model, params, env, env.goals("train", 0, idx).double(),
-                         env.noise("train", 0, idx, 0, 10).double(), env.noise("train", 0, idx, 1, 10).double(), lr=0.1)
-    # The two products agree in float64, with a finite-difference step small enough not to straddle a
-    # switching ReLU (trpo_step says why).
-    kl = lambda p: surrogate(model, p, batch, 0.1)[1] / 4  # noqa: E731
-    v = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-         for n, p in params.items()}
-    exact, fd = trpo.hvp_exact(kl, params, v), trpo.hvp_finite_difference(kl, params, v, eps=1e-6)
-    assert (trpo.dot(*(2 * [{n: exact[n] - fd[n] for n in v}])).sqrt() / trpo.dot(exact, exact).sqrt()) < 1e-6
-    for hvp in ("exact", "finite_difference"):
-        new, info = trpo_step(model, params, batch, lr=0.1, max_kl=0.01, hvp=hvp, fd_eps=1e-6)
-        assert info["surrogate_after"] < info["surrogate_before"] and 0 < info["kl"] <= 0.01, info
-        assert info["backtracks"] is not None and any(not torch.equal(new[n], params[n]) for n in params)
