@@ -129,19 +129,23 @@ def _with_metrics(grads: Tensors, samples: Samples, n: int):
                    "return_before": m["return_before"], "return_after": m["return_after"]}
 
 
-def meta_gradient(model, params: Tensors, batch, spec: InnerSpec):
-    """(summed meta-gradients, summed metrics, the samples) of one fresh batch: the gradient of the
-    post-update surrogate summed over tasks, through the inner step (second order unless
-    spec.first_order)."""
+def maml(model, params: Tensors, batch, spec: InnerSpec):
+    """MAML-RL's meta-gradient in the supervised algorithms' shape, (summed gradients, summed metrics),
+    of one fresh batch: the gradient of the post-update surrogate summed over tasks, through the inner
+    step (second order unless spec.first_order). First order, ANIL and Meta-SGD come from the spec and
+    the learned rates in `params`."""
     samples = sample(model, params, batch, spec)
     grads, _ = sum_of_grads(partial(_surrogate_objective, model, spec), params, samples, spec)
-    return *_with_metrics(grads, samples, batch.num_tasks), samples
+    return _with_metrics(grads, samples, batch.num_tasks)
 
 
-def maml(model, params: Tensors, batch, spec: InnerSpec):
-    """MAML-RL's meta-gradient in the supervised algorithms' shape: (summed gradients, summed metrics).
-    First order, ANIL and Meta-SGD come from the spec and the learned rates in `params`."""
-    return meta_gradient(model, params, batch, spec)[:2]
+def trpo_start(model, params: Tensors, batch, spec: InnerSpec):
+    """The first part of a TRPO outer step on one fresh batch: (summed meta-gradients, summed metrics,
+    the `Curvature` whose products and the samples the rest of the step uses). The gradient is `maml`'s,
+    taken from the kept graph."""
+    samples = sample(model, params, batch, spec)
+    curvature = Curvature(model, params, samples, spec)
+    return *_with_metrics(curvature.grad(), samples, batch.num_tasks), curvature
 
 
 def pretrain(model, params: Tensors, batch, spec: InnerSpec):
@@ -165,13 +169,70 @@ def kl_sum(model, params: Tensors, samples: Samples, spec: InnerSpec) -> torch.T
     return map_tasks(lambda p, *task: {"kl": _terms(model, spec, p, *task)[1]}, params, samples, spec)["kl"].sum()
 
 
+def _post_outputs(model, spec: InnerSpec, params, pre_obs, pre_actions, pre_adv, pre_mask, post_obs, *_):
+    # One task's adapted policy's outputs on its post-update observations, a function of `params`.
+    fast = pg.adapt_policy(model, params, pre_obs, pre_actions, pre_adv, pre_mask, spec, 0)
+    return {"out": functional_call(model, fast, (post_obs,))}
+
+
+class Curvature:
+    """TRPO's products at the sampling parameters, from one graph kept for the whole outer step.
+
+    The surrogate and the KL depend on `params` only through the adapted policies' outputs on the
+    post-update observations, out(params). So the meta-gradient is J' dL/dout, and, because the KL of the
+    sampling policies from themselves is zero with a zero gradient in out, the KL's Hessian there is
+    exactly J' H J, H the KL's (diagonal) Hessian in out: 1/std^2 for a mean, 2 for a log std, each
+    weighted by the step's share of its task's steps. The forward pass through the inner step and the
+    graph of J'u (J v is the gradient of (J'u)'v in u) are built once; each product is then two passes
+    over kept graphs instead of a double backward from scratch."""
+
+    def __init__(self, model, params: Tensors, samples: Samples, spec: InnerSpec):
+        self.model, self.params, self.spec = model, params, spec
+        self.leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+        with torch.enable_grad():
+            self.out = map_tasks(partial(_post_outputs, model, spec), self.leaves, samples, spec)["out"]
+            self.u0 = torch.zeros_like(self.out, requires_grad=True)
+            self.jt_u0 = torch.autograd.grad(self.out, list(self.leaves.values()), self.u0, create_graph=True,
+                                             allow_unused=True, materialize_grads=True)
+        log_std = samples.old_out.chunk(2, dim=-1)[1]
+        share = samples.post_mask / samples.post_mask.sum((1, 2), keepdim=True).clamp_min(1)
+        self.h = torch.cat([torch.exp(-2 * log_std), torch.full_like(log_std, 2.0)], -1) * share[..., None]
+        self.samples = samples
+
+    def _vjp(self, u: torch.Tensor) -> Tensors:
+        g = torch.autograd.grad(self.out, list(self.leaves.values()), u, retain_graph=True, allow_unused=True,
+                                materialize_grads=True)
+        return dict(zip(self.leaves, g))
+
+    def fvp(self, v: Tensors, hvp: str = "exact", fd_eps: float = 1e-5) -> Tensors:
+        """The Hessian of the KL summed over tasks, at the sampling parameters, times `v`: `exact`, or by
+        `finite_difference` of the KL's gradient (module `fvp`, from scratch each time)."""
+        if hvp != "exact":
+            return fvp(self.model, self.params, self.samples, self.spec, v, hvp, fd_eps)
+        with torch.enable_grad():
+            jt_u0_v = sum((g * v[n]).sum() for g, n in zip(self.jt_u0, self.leaves))
+            jv, = torch.autograd.grad(jt_u0_v, self.u0, retain_graph=True)
+            return {n: g.detach() for n, g in self._vjp(self.h * jv).items()}
+
+    def grad(self) -> Tensors:
+        """The surrogate's gradient summed over tasks at the sampling parameters: the meta-gradient."""
+        s = self.samples
+        out = self.out.detach().requires_grad_()
+        with torch.enable_grad():
+            ratio = torch.exp(pg.gaussian_log_prob(out, s.post_actions) - pg.gaussian_log_prob(s.old_out, s.post_actions))
+            loss = -((ratio * s.post_adv * s.post_mask).sum((1, 2)) / s.post_mask.sum((1, 2)).clamp_min(1)).sum()
+            dout, = torch.autograd.grad(loss, out)
+            return {n: g.detach() for n, g in self._vjp(dout).items()}
+
+
 def fvp(model, params: Tensors, samples: Samples, spec: InnerSpec, v: Tensors, hvp: str = "exact",
         fd_eps: float = 1e-5) -> Tensors:
     """The Hessian of `kl_sum` at `params` times `v`: `exact` by double backward through the inner step,
     or by `finite_difference` of its gradient. The exact product is the default: through the inner step
     the KL's gradient jumps where a ReLU of the policy switches, and a finite difference that straddles
     one is wrong. On a 32-32 policy in float64 the finite-difference product was 28% off the exact one
-    at fd_eps 1e-5, 3% at 1e-4, and 6e-10 at 1e-6; in float32, rounding rules out the small steps."""
+    at fd_eps 1e-5, 3% at 1e-4, and 6e-10 at 1e-6; in float32, rounding rules out the small steps.
+    (At the sampling parameters, `Curvature` gives the exact product faster.)"""
     f = partial(kl_sum, model, samples=samples, spec=spec)
     if hvp == "exact":
         return trpo.hvp_exact(f, params, v)

@@ -72,7 +72,7 @@ class TaskShard:
         self.tasks = build_tasks(cfg, rank, world)
         self._drawn = None  # (step, indices, batch) drawn to time `auto`, reused by that step's compute
         # TRPO's products and line search use the trajectories the step's meta-gradient was taken on.
-        self._samples = None  # (step, indices, samples)
+        self._trpo = None  # (step, indices, maml_rl.Curvature)
 
     def _batch(self, step: int, indices: range):
         if self._drawn is not None and self._drawn[:2] == (step, indices):
@@ -94,32 +94,28 @@ class TaskShard:
         batch = self._batch(step, indices)
         params = {k: v.to(self.device) for k, v in params.items()}
         if self.cfg.outer.optimizer == "trpo":
-            grads, sums, samples = maml_rl.meta_gradient(self.model, params, batch, spec)
-            self._samples = (step, indices, samples)
+            grads, sums, curvature = maml_rl.trpo_start(self.model, params, batch, spec)
+            self._trpo = (step, indices, curvature)
             return grads, sums
         return self.algorithm(self.model, params, batch, spec)
 
-    def _step_samples(self, params: Tensors, step: int, spec: InnerSpec, indices: range):
-        # A replaced worker has none: it samples them again from the step's parameters (a pure function
-        # of those, the seed, the step and the indices), so the products do not change.
-        if self._samples is None or self._samples[:2] != (step, indices):
+    def _curvature(self, params: Tensors, step: int, spec: InnerSpec, indices: range) -> maml_rl.Curvature:
+        # A replaced worker has none: it samples again from the step's parameters (the trajectories are a
+        # pure function of those, the seed, the step and the indices), so the products do not change.
+        if self._trpo is None or self._trpo[:2] != (step, indices):
             self.compute(params, step, spec, indices)
-        return self._samples[2]
+        return self._trpo[2]
 
     def fvp(self, params: Tensors, step: int, spec: InnerSpec, indices: range, v: Tensors) -> Tensors:
         """TRPO: the Hessian of this shard's summed KL times `v`, at the step's parameters `params`, on
         the trajectories of the step's meta-gradient."""
-        params = {k: p.to(self.device) for k, p in params.items()}
-        samples = self._step_samples(params, step, spec, indices)
-        rl = self.cfg.rl
-        return maml_rl.fvp(self.model, params, samples, spec, {k: x.to(self.device) for k, x in v.items()},
-                           rl.hvp, rl.fd_eps)
+        curvature = self._curvature(params, step, spec, indices)
+        return curvature.fvp({k: x.to(self.device) for k, x in v.items()}, self.cfg.rl.hvp, self.cfg.rl.fd_eps)
 
     def surrogate(self, params: Tensors, step: int, spec: InnerSpec, indices: range,
                   candidate: Tensors) -> torch.Tensor:
         """TRPO: (this shard's summed surrogate, summed KL) at `candidate`, on the step's trajectories."""
-        params = {k: p.to(self.device) for k, p in params.items()}
-        samples = self._step_samples(params, step, spec, indices)
+        samples = self._curvature(params, step, spec, indices).samples
         loss, kl = maml_rl.surrogate(self.model, {k: x.to(self.device) for k, x in candidate.items()}, samples, spec)
         return torch.stack([loss, kl]).cpu()
 

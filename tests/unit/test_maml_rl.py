@@ -73,6 +73,15 @@ def test_the_kl_products_exact_and_by_finite_differences_agree_on_a_small_networ
     # Looped tasks give the same product.
     looped = maml_rl.fvp(model, params, samples, SPEC.with_(task_parallel="loop"), v, "exact")
     assert _rel(looped, exact) < 1e-10
+    # The kept graph's product (J'HJ at the sampling parameters) is the same Hessian, in both task modes,
+    # and its gradient is the meta-gradient.
+    for mode in ("vmap", "loop"):
+        spec = SPEC.with_(task_parallel=mode)
+        curvature = maml_rl.Curvature(model, params, samples, spec)
+        assert _rel(curvature.fvp(v), exact) < 1e-10
+        assert _rel(curvature.fvp(v, "finite_difference", 1e-6), exact) < 1e-6
+        grads, _ = maml_rl.maml(model, params, batch, spec)
+        assert _rel(curvature.grad(), grads) < 1e-10
     # At the sampling parameters the adapted policies are the sampling ones: the KL is zero and the
     # surrogate's ratio is one.
     loss, kl = maml_rl.surrogate(model, params, samples, SPEC)
@@ -85,12 +94,13 @@ def test_the_kl_products_exact_and_by_finite_differences_agree_on_a_small_networ
 @pytest.mark.parametrize("hvp", ["exact", "finite_difference"])
 def test_a_trpo_step_lowers_the_surrogate_within_the_kl_bound(hvp):
     model, params, batch = _setup(double=True)
-    grads, sums, samples = maml_rl.meta_gradient(model, params, batch, SPEC)
+    grads, sums, curvature = maml_rl.trpo_start(model, params, batch, SPEC)
     n = batch.num_tasks
     new, info = trpo.outer_step(
         params, {k: g / n for k, g in grads.items()},
-        lambda v: {k: x / n for k, x in maml_rl.fvp(model, params, samples, SPEC, v, hvp, 1e-6).items()},
-        lambda p: tuple((torch.stack(maml_rl.surrogate(model, p, samples, SPEC)) / n).tolist()), max_kl=0.01)
+        lambda v: {k: x / n for k, x in curvature.fvp(v, hvp, 1e-6).items()},
+        lambda p: tuple((torch.stack(maml_rl.surrogate(model, p, curvature.samples, SPEC)) / n).tolist()),
+        max_kl=0.01)
     assert info["surrogate_after"] < info["surrogate_before"] and 0 < info["kl"] <= 0.01, info
     assert info["backtracks"] >= 0 and any(not torch.equal(new[k], params[k]) for k in params)
 
