@@ -306,9 +306,9 @@ class Config:
              "'policy', and 'policy' is for navigation only"),
             (rl and self.algorithm.name == "reptile", "algorithm.name",
              "'reptile' is not implemented for navigation; allowed there: maml, fomaml, anil, metasgd, pretrain"),
-            (rl and self.inner.steps != 1, "inner.steps",
-             f"{self.inner.steps}: navigation meta-trains with 1 inner step (the MAML paper's; each further "
-             "step would need trajectories of its own); allowed: 1 (eval.steps may be more)"),
+            (rl and self.algorithm.msl, "algorithm.msl",
+             "the multi-step loss is not implemented for navigation (it needs the post-update "
+             "trajectories of every inner step); allowed there: false"),
             (self.outer.optimizer == "trpo" and not rl, "outer.optimizer",
              "'trpo' is the reinforcement-learning outer step; allowed for "
              f"task.family {self.task.family!r}: adam, sgd"),

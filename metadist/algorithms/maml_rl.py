@@ -57,8 +57,9 @@ def adapt_tasks(model, params: Tensors, obs, actions, adv, mask, spec: InnerSpec
 
 @dataclass
 class Samples:
-    """One outer step's trajectories, per task (leading dimension T): before the inner step (`pre_*`),
-    after it (`post_*`), their advantages, and the adapted policies' outputs on the post-update
+    """One outer step's trajectories, per task (leading dimension T): those each inner step learns from
+    (`pre_*`, a round dimension after the tasks', one round per step), those of the adapted policy
+    (`post_*`), their advantages, and the adapted policies' outputs on the post-update
     observations when they sampled (`old_out`: the TRPO surrogate's "old" policy). `metrics` holds
     the summed mean returns per task before and after the step."""
 
@@ -89,19 +90,26 @@ class Samples:
 
 
 def sample(model, params: Tensors, batch, spec: InnerSpec) -> Samples:
-    """Sample `batch.shots` trajectories per task with `params`, take each task's inner step without a
-    graph, and sample `batch.query` trajectories with each adapted policy."""
-    env = batch.env
-    pre = env.rollout(policy_act(model, params), batch.goals, batch.noise(0))
-    pre_adv = pg.advantages(pre.obs, pre.rewards, pre.mask, spec.gamma, spec.gae_lambda)
-    fast = adapt_tasks(model, params, pre.obs, pre.actions, pre_adv, pre.mask, spec, 0)
-    post = env.rollout(policy_act(model, fast, per_task=True), batch.goals, batch.noise(1))
-    post_adv = pg.advantages(post.obs, post.rewards, post.mask, spec.gamma, spec.gae_lambda)
+    """Sample each task's trajectories with `params`, take its `spec.steps` inner steps without a graph,
+    each on the trajectories of the policy before it (`rounds`), and sample with the adapted policy."""
+    *pre, (post, post_adv, fast, _) = rounds(model, params, batch, spec, spec.steps)
     with torch.no_grad():
-        old_out = vmap(lambda f, o: functional_call(model, f, (o,)))(fast, post.obs)
-    metrics = {"return_before": pre.returns().mean(1).sum(), "return_after": post.returns().mean(1).sum()}
-    return Samples(pre.obs, pre.actions, pre_adv, pre.mask, post.obs, post.actions, post_adv, post.mask,
-                   old_out, metrics)
+        old_out = vmap(lambda f, o: functional_call(model, f, (o,)))(model_params(fast), post.obs)
+    stack = lambda xs: torch.stack(xs, 1)  # noqa: E731  rounds on dimension 1, after the tasks
+    metrics = {"return_before": pre[0][0].returns().mean(1).sum(), "return_after": post.returns().mean(1).sum()}
+    return Samples(stack([r.obs for r, *_ in pre]), stack([r.actions for r, *_ in pre]),
+                   stack([a for _, a, *_ in pre]), stack([r.mask for r, *_ in pre]),
+                   post.obs, post.actions, post_adv, post.mask, old_out, metrics)
+
+
+def _adapted(model, spec: InnerSpec, params: Tensors, pre_obs, pre_actions, pre_adv, pre_mask) -> Tensors:
+    # One task's policy after its inner steps, step k on its round-k trajectories (leading dimension),
+    # a function of `params`; learned rates travel with the adapted weights.
+    rates = {n: v for n, v in params.items() if "/" in n}
+    fast = params
+    for k in range(pre_obs.shape[0]):
+        fast = {**pg.adapt_policy(model, fast, pre_obs[k], pre_actions[k], pre_adv[k], pre_mask[k], spec, k), **rates}
+    return model_params(fast)
 
 
 def _terms(model, spec: InnerSpec, params, pre_obs, pre_actions, pre_adv, pre_mask, post_obs, post_actions,
@@ -110,8 +118,7 @@ def _terms(model, spec: InnerSpec, params, pre_obs, pre_actions, pre_adv, pre_ma
     trajectories, mean KL from its sampling-time adapted policy), both functions of `params` through the
     inner step. At the sampling parameters the ratio is 1 and the surrogate's gradient is the REINFORCE
     meta-gradient."""
-    fast = pg.adapt_policy(model, params, pre_obs, pre_actions, pre_adv, pre_mask, spec, 0)
-    out = functional_call(model, fast, (post_obs,))
+    out = functional_call(model, _adapted(model, spec, params, pre_obs, pre_actions, pre_adv, pre_mask), (post_obs,))
     ratio = torch.exp(pg.gaussian_log_prob(out, post_actions) - pg.gaussian_log_prob(old_out, post_actions))
     loss = -(ratio * post_adv * post_mask).sum() / post_mask.sum().clamp_min(1)
     return loss, trpo.diagonal_gaussian_kl(old_out, out, post_mask)
@@ -171,8 +178,8 @@ def kl_sum(model, params: Tensors, samples: Samples, spec: InnerSpec) -> torch.T
 
 def _post_outputs(model, spec: InnerSpec, params, pre_obs, pre_actions, pre_adv, pre_mask, post_obs, *_):
     # One task's adapted policy's outputs on its post-update observations, a function of `params`.
-    fast = pg.adapt_policy(model, params, pre_obs, pre_actions, pre_adv, pre_mask, spec, 0)
-    return {"out": functional_call(model, fast, (post_obs,))}
+    return {"out": functional_call(model, _adapted(model, spec, params, pre_obs, pre_actions, pre_adv, pre_mask),
+                                   (post_obs,))}
 
 
 class Curvature:
@@ -248,32 +255,33 @@ def surrogate(model, params: Tensors, samples: Samples, spec: InnerSpec) -> tupl
 
 
 def rounds(model, params: Tensors, batch, spec: InnerSpec, steps: int):
-    """The rollouts of sampling rounds 0..steps: round k with each task's policy after k inner steps,
-    each step taken on the trajectories of the round before (the MAML paper's RL evaluation)."""
-    act, fast, per_task = policy_act(model, params), params, False
+    """Sampling rounds 0..steps, each as (rollouts, their advantages, the sampling policy's parameters,
+    whether those have a task dimension): round k with each task's policy after k inner steps, step k
+    taken without a graph on round k's trajectories (training's sampling, and the MAML paper's RL
+    evaluation: fresh trajectories after every step)."""
+    fast, per_task = params, False
     # The learned rates (Meta-SGD, LSLR) travel with each task's adapted parameters after the first step.
     rates = {n: v for n, v in params.items() if "/" in n}
     for k in range(steps + 1):
-        roll = batch.env.rollout(act, batch.goals, batch.noise(k))
-        yield roll
+        roll = batch.env.rollout(policy_act(model, fast, per_task), batch.goals, batch.noise(k))
+        adv = pg.advantages(roll.obs, roll.rewards, roll.mask, spec.gamma, spec.gae_lambda)
+        yield roll, adv, fast, per_task
         if k == steps:
             return
-        adv = pg.advantages(roll.obs, roll.rewards, roll.mask, spec.gamma, spec.gae_lambda)
         if per_task:
             fast = {**fast, **{n: v.expand(batch.num_tasks, *v.shape) for n, v in rates.items()}}
         fast = adapt_tasks(model, fast, roll.obs, roll.actions, adv, roll.mask, spec, k, per_task=per_task)
         per_task = True
-        act = policy_act(model, fast, per_task=True)
 
 
 def curves(model, params: Tensors, batch, spec: InnerSpec) -> dict[str, torch.Tensor]:
     """{"return": (T, S+1)}: each task's mean undiscounted return per trajectory after 0..spec.steps
     inner steps, on fresh trajectories after every step (`rounds`)."""
-    return {"return": torch.stack([r.returns().mean(1) for r in rounds(model, params, batch, spec, spec.steps)], 1)}
+    return {"return": torch.stack([r.returns().mean(1) for r, *_ in rounds(model, params, batch, spec, spec.steps)], 1)}
 
 
 def trajectories(model, params: Tensors, batch, spec: InnerSpec, steps: tuple[int, ...] = (0, 1)) -> dict:
     """{k: (positions (T, H, 2), mask (T, H))} of each task's first trajectory after k inner steps, for
     k in `steps`: the data of the paper's qualitative figure."""
-    return {k: (r.obs[:, 0], r.mask[:, 0]) for k, r in enumerate(rounds(model, params, batch, spec, max(steps)))
+    return {k: (r.obs[:, 0], r.mask[:, 0]) for k, (r, *_) in enumerate(rounds(model, params, batch, spec, max(steps)))
             if k in steps}

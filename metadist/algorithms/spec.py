@@ -92,10 +92,15 @@ def make_spec(cfg, outer_step: int = 0, track: bool = False, task_parallel: str 
     algo = cfg.algorithm
     first_order = algo.name == "fomaml" or outer_step < algo.first_order_until
     loss = {"sinusoid": "mse", "navigation": "pg"}.get(cfg.task.family, "ce")
+    lr = cfg.inner.lr
+    if loss == "pg" and algo.name == "pretrain":
+        # Pretraining under TRPO is MAML-RL with no inner step: the "adapted" policy is the policy itself,
+        # so the surrogate and the KL are plain TRPO's on its own trajectories.
+        lr, first_order = 0.0, True
     return InnerSpec(
         loss=loss,
         steps=cfg.inner.steps,
-        lr=cfg.inner.lr,
+        lr=lr,
         first_order=first_order,
         msl_weights=msl_weights(cfg.inner.steps, outer_step, algo.msl_anneal_steps) if algo.msl else None,
         track=track,

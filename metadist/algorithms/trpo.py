@@ -27,9 +27,12 @@ def axpy(alpha: float, x: Tensors, y: Tensors) -> Tensors:
 
 
 def conjugate_gradient(avp: Callable[[Tensors], Tensors], b: Tensors, iters: int = 10,
-                       residual_tol: float = 1e-10) -> Tensors:
-    """Approximately solve A x = b for a symmetric positive definite A given only as x -> A x."""
+                       residual_tol: float = 1e-10, with_product: bool = False):
+    """Approximately solve A x = b for a symmetric positive definite A given only as x -> A x. With
+    `with_product`, (x, A x): A x is the sum of the products CG already took (x = sum alpha_i p_i), so
+    the caller needs no product of its own."""
     x = {n: torch.zeros_like(v) for n, v in b.items()}
+    ax = {n: torch.zeros_like(v) for n, v in b.items()}
     r = {n: v.clone() for n, v in b.items()}
     p = {n: v.clone() for n, v in b.items()}
     rr = dot(r, r)
@@ -39,11 +42,12 @@ def conjugate_gradient(avp: Callable[[Tensors], Tensors], b: Tensors, iters: int
         ap = avp(p)
         alpha = rr / dot(p, ap)
         x = axpy(alpha, p, x)
+        ax = axpy(alpha, ap, ax)
         r = axpy(-alpha, ap, r)
         rr_new = dot(r, r)
         p = axpy(rr_new / rr, p, r)
         rr = rr_new
-    return x
+    return (x, ax) if with_product else x
 
 
 def hvp_exact(f: Callable[[Tensors], torch.Tensor], params: Tensors, v: Tensors) -> Tensors:
@@ -84,9 +88,11 @@ def diagonal_gaussian_kl(old: torch.Tensor, new: torch.Tensor, mask: torch.Tenso
 def natural_step(grad: Tensors, fvp: Callable[[Tensors], Tensors], max_kl: float, cg_iters: int = 10,
                  damping: float = 1e-5) -> Tensors:
     """The full TRPO step for a loss to minimise: -s F^-1 g, with F^-1 g by conjugate gradient on
-    (F + damping I) and s = sqrt(2 max_kl / (d' F d)), so that the quadratic KL model equals max_kl."""
-    direction = conjugate_gradient(lambda p: axpy(damping, p, fvp(p)), grad, iters=cg_iters)
-    shs = dot(direction, fvp(direction)).clamp_min(1e-12)
+    (F + damping I) and s = sqrt(2 max_kl / (d' (F + damping I) d)), so that the quadratic KL model
+    equals max_kl (the damped product, as rllab's optimizer takes it; CG's own products give it)."""
+    direction, product = conjugate_gradient(lambda p: axpy(damping, p, fvp(p)), grad, iters=cg_iters,
+                                            with_product=True)
+    shs = dot(direction, product).clamp_min(1e-12)
     scale = torch.sqrt(2 * max_kl / shs)
     return {n: -scale * d for n, d in direction.items()}
 

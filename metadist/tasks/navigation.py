@@ -47,8 +47,8 @@ class Rollouts:
 @dataclass
 class NavigationBatch:
     """Tasks `indices` of outer step `step` in `split`: their goals, and the action noise of each sampling
-    round on demand (`noise(phase, trajectories)`), on `device`. `shots` trajectories are sampled before
-    adaptation and `query` after each step."""
+    round on demand (`noise(phase)`), on `device`. `shots` trajectories are sampled in each round an inner
+    step learns from, `query` in round `post_round` (after the last inner step of training)."""
 
     env: "NavigationTasks"
     split: str
@@ -57,6 +57,7 @@ class NavigationBatch:
     goals: torch.Tensor
     shots: int
     query: int
+    post_round: int = 1
     device: torch.device = torch.device("cpu")
 
     @property
@@ -65,34 +66,37 @@ class NavigationBatch:
 
     def noise(self, phase: int) -> torch.Tensor:
         """(T, N, H, 2) the noise of sampling round `phase` (0: before adaptation, k: after step k)."""
-        n = self.shots if phase == 0 else self.query
+        n = self.query if phase == self.post_round else self.shots
         return self.env.noise(self.split, self.step, self.indices, phase, n).to(self.device)
 
     def to(self, device) -> "NavigationBatch":
         return NavigationBatch(self.env, self.split, self.step, self.indices, self.goals.to(device),
-                               self.shots, self.query, torch.device(device))
+                               self.shots, self.query, self.post_round, torch.device(device))
 
 
 class NavigationTasks:
     """Goals and action noise of 2-D navigation tasks, and the batched environment step."""
 
     def __init__(self, seed: int, goal_range=(-0.5, 0.5), max_action: float = 0.1, horizon: int = 100,
-                 success: float = 0.01):
+                 success: float = 0.01, inner_steps: int = 1):
         self.seed = seed
         self.goal_range = tuple(goal_range)
         self.max_action = max_action
         self.horizon = horizon
         self.success = success
+        self.inner_steps = inner_steps  # training's sampling rounds before the post-update one
 
     @classmethod
     def from_config(cls, cfg) -> "NavigationTasks":
         t = cfg.task
-        return cls(cfg.seed, t.goal_range, t.max_action, t.horizon)
+        return cls(cfg.seed, t.goal_range, t.max_action, t.horizon, inner_steps=cfg.inner.steps)
 
     def sample(self, step: int, indices, shots: int, query: int) -> NavigationBatch:
-        """Training tasks for one outer step: `shots` trajectories before the inner step, `query` after."""
+        """Training tasks for one outer step: `shots` trajectories for each inner step, `query` after the
+        last."""
         indices = episode_range(indices)
-        return NavigationBatch(self, "train", step, indices, self.goals("train", step, indices), shots, query)
+        return NavigationBatch(self, "train", step, indices, self.goals("train", step, indices), shots, query,
+                               post_round=self.inner_steps)
 
     def fixed(self, split: str, n: int | range, shots: int, query: int) -> NavigationBatch:
         """The fixed evaluation goals of `split` (its first n, or those of range n), with `shots`

@@ -176,6 +176,25 @@ def test_cross_field_checks():
     assert ok.model.name == "conv4"
 
 
+NAV = {"task": {"family": "navigation"}, "model": {"name": "policy"}}
+
+
+@pytest.mark.parametrize("change, key, allowed", [
+    ({"model": {"name": "mlp"}}, "model.name", "policy for navigation"),
+    ({"task": {"family": "sinusoid"}}, "model.name", "'policy' is for navigation only"),
+    ({"algorithm": {"name": "reptile"}}, "algorithm.name", "maml, fomaml, anil, metasgd, pretrain"),
+    ({"algorithm": {"name": "maml", "msl": True}}, "algorithm.msl", "allowed there: false"),
+])
+def test_navigation_checks_name_the_key_and_what_is_allowed(change, key, allowed):
+    data = {k: {**NAV.get(k, {}), **change.get(k, {})} for k in {*NAV, *change}}
+    msg = config_error(from_dict, data)
+    assert key in msg and allowed in msg
+    assert "outer.optimizer" in config_error(from_dict, {"outer": {"optimizer": "trpo"}})
+    assert "eval.later_lr" in config_error(from_dict, {"eval": {"later_lr": 0.05}})
+    ok = from_dict({**NAV, "outer": {"optimizer": "trpo"}, "eval": {"later_lr": 0.05}})
+    assert ok.rl.max_kl == 0.01 and ok.eval.later_lr == 0.05
+
+
 def test_literal_lists_the_allowed_values():
     msg = config_error(from_dict, {}, ["algorithm.name=mamll"])
     assert "algorithm.name" in msg and "mamll" in msg

@@ -49,7 +49,7 @@ def test_the_meta_gradient_is_the_same_with_tasks_vmapped_or_looped():
 def test_anil_adapts_the_head_and_metasgd_uses_its_learned_rates():
     model, params, batch = _setup(tasks=1)
     samples = maml_rl.sample(model, params, batch, SPEC)
-    task = (samples.pre_obs[0], samples.pre_actions[0], samples.pre_adv[0], samples.pre_mask[0])
+    task = (samples.pre_obs[0, 0], samples.pre_actions[0, 0], samples.pre_adv[0, 0], samples.pre_mask[0, 0])
     head = pg.adapt_policy(model, params, *task, SPEC.with_(adapt="head"))
     assert all(torch.equal(head[n], params[n]) for n in params if n.startswith("body."))
     assert all(not torch.equal(head[n], params[n]) for n in params if n.startswith("head."))
@@ -91,6 +91,27 @@ def test_the_kl_products_exact_and_by_finite_differences_agree_on_a_small_networ
     assert loss.item() == pytest.approx(expected.item(), abs=1e-9)
 
 
+def test_two_inner_steps_each_learn_from_their_own_round_and_the_meta_gradient_is_second_order():
+    # Two inner steps: step 2 learns from trajectories of the policy after step 1. The meta-gradient on
+    # the step's samples (kept graph, second order through both steps) against central finite
+    # differences of the surrogate on the same samples, in float64.
+    model, params, batch = _setup(hidden=(8,), tasks=2, trajectories=4, double=True)
+    batch.post_round, batch.query = 2, 3
+    spec = SPEC.with_(steps=2)
+    samples = maml_rl.sample(model, params, batch, spec)
+    assert samples.pre_obs.shape[:3] == (2, 2, 4) and samples.post_obs.shape[:2] == (2, 3)
+    assert not torch.equal(samples.pre_obs[:, 0], samples.pre_obs[:, 1])
+    grads = maml_rl.Curvature(model, params, samples, spec).grad()
+    g = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        d = {n: torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in params.items()}
+        eps = 1e-6
+        loss = lambda sign: maml_rl.surrogate(model, {n: params[n] + sign * eps * d[n] for n in params},  # noqa: E731
+                                              samples, spec)[0].item()
+        numeric = (loss(1) - loss(-1)) / (2 * eps)
+        assert trpo.dot(grads, d).item() == pytest.approx(numeric, rel=1e-6, abs=1e-9)
+
+
 @pytest.mark.parametrize("hvp", ["exact", "finite_difference"])
 def test_a_trpo_step_lowers_the_surrogate_within_the_kl_bound(hvp):
     model, params, batch = _setup(double=True)
@@ -112,7 +133,7 @@ def test_evaluation_rounds_sample_afresh_after_every_step_at_the_later_rate():
     assert curves.shape == (3, 3)
     # Round 0 is the unadapted policy's own trajectories on round-0 noise; the training sample's
     # pre-update returns are the same trajectories.
-    samples = maml_rl.sample(model, params, batch, spec)
+    samples = maml_rl.sample(model, params, batch, spec.with_(steps=1))
     assert torch.allclose(curves[:, 0].sum(), samples.metrics["return_before"])
     # So is round 1 the post-update sample: the same step on the same trajectories.
     assert torch.allclose(curves[:, 1].sum(), samples.metrics["return_after"], atol=1e-4)

@@ -170,3 +170,56 @@ def test_a_failing_plot_ends_the_mlflow_run_failed(sine_debug, mlflow_store, mon
         trainer.fit(progress=False)
     run = MlflowClient(mlflow_store).get_run(trainer.tracker.run_id)
     assert run.info.status == "FAILED" and "no figure today" in run.data.tags["error"]
+
+
+def _nav(tmp_path, *overrides):
+    from metadist.config import load_config
+
+    from ..conftest import ROOT
+    return load_config(ROOT / "jobs/rl/maml-navigation-debug.yaml", [
+        f"train.out_dir={tmp_path / 'runs'}", "train.steps=4", "train.meta_batch=4", "train.log_every=1",
+        "train.eval_every=2", "train.checkpoint_every=2", "task.shots=10", "task.query=10", "eval.episodes=4",
+        "eval.val_episodes=3", "eval.shots=10", "tracking.plot_tasks=2", "runtime.threads=1", *overrides])
+
+
+def test_navigation_trains_with_trpo_resumes_bit_identically_and_evaluates_its_checkpoint(tmp_path):
+    full, summary = _fit(_nav(tmp_path))
+    ev = summary["eval"]
+    assert ev["metric"] == "return" and [r["steps"] for r in ev["rows"]] == [0, 1, 2, 3]
+    assert (ev["lr"], ev["later_lr"]) == (0.1, 0.05)
+    assert all(-100 <= r["mean"] < 0 for r in ev["rows"])  # minus a distance, at most 100 steps
+    steps = [r for r in full.history if "trpo_kl" in r]
+    assert len(steps) == 4 and all(r["trpo_kl"] <= 0.01 and r["return_after"] < 0 for r in steps)
+    assert any(r["trpo_backtracks"] >= 0 for r in steps)  # the line search accepted a step
+    assert any("val_return_3" in r for r in full.history)
+    # A run stopped after its step-2 checkpoint and resumed gives the same bits.
+    half = Trainer(_nav(tmp_path))
+    half.cfg.train.steps = 2
+    half.fit(progress=False)
+    resumed = Trainer(_nav(tmp_path))
+    resumed.load_state(load_checkpoint(half.run_dir / "checkpoint.pt"))
+    resumed.fit(progress=False)
+    assert all(torch.equal(full.params[k], resumed.params[k]) for k in full.params)
+    assert evaluate_checkpoint(summary["checkpoint"])["eval"]["rows"] == ev["rows"]
+    # The figures: the training curve in returns, the adaptation curve, the agent's paths.
+    figures = full.figures(ev)
+    assert set(figures) == {"plots/training_curve.png", "plots/adaptation_curve.png", "plots/navigation_paths.png"}
+
+
+def test_a_replaced_worker_computes_the_same_trpo_products(tmp_path):
+    # A worker that dies within a TRPO step is replaced by one that never saw the step: it samples the
+    # step's trajectories again and gives the same products and surrogate.
+    from metadist.algorithms import make_spec
+    from metadist.runtime.local import TaskShard
+
+    cfg = _nav(tmp_path, "outer.optimizer=trpo")
+    trainer = Trainer(cfg)
+    spec = make_spec(cfg, 3, task_parallel="vmap")
+    v = {k: torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) for k, p in trainer.params.items()}
+    old, new = TaskShard(cfg), TaskShard(cfg)
+    old.compute(trainer.params, 3, spec, range(1, 3))
+    fresh = new.fvp(trainer.params, 3, spec, range(1, 3), v)
+    assert all(torch.equal(fresh[k], old.fvp(trainer.params, 3, spec, range(1, 3), v)[k]) for k in v)
+    candidate = {k: p + 0.01 for k, p in trainer.params.items()}
+    assert torch.equal(new.surrogate(trainer.params, 3, spec, range(1, 3), candidate),
+                       old.surrogate(trainer.params, 3, spec, range(1, 3), candidate))

@@ -23,6 +23,9 @@ def test_conjugate_gradient_solves_a_symmetric_positive_definite_system():
     b = {"w": torch.randn(20, generator=G, dtype=torch.float64)}
     x = trpo.conjugate_gradient(lambda p: {"w": a @ p["w"]}, b, iters=60, residual_tol=1e-30)
     assert torch.allclose(a @ x["w"], b["w"], atol=1e-8)
+    # The product CG accumulates is A x, without a product of its own.
+    y, ay = trpo.conjugate_gradient(lambda p: {"w": a @ p["w"]}, b, iters=7, with_product=True)
+    assert torch.allclose(ay["w"], a @ y["w"], atol=1e-10)
     # Ten iterations, as TRPO takes them: the residual shrinks without being exact.
     x10 = trpo.conjugate_gradient(lambda p: {"w": a @ p["w"]}, b, iters=10)
     assert (a @ x10["w"] - b["w"]).norm() < b["w"].norm()
