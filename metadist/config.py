@@ -189,9 +189,9 @@ class EvalConfig:
     """Query examples per task (sinusoid) or per class (fewshot) at test time."""
     lr: Optional[PositiveFloat] = None
     """Test-time inner learning rate; defaults to `inner.lr` (learned rates are used where trained)."""
-    later_lr: Optional[PositiveFloat] = None
-    """Test-time rate of the steps after the first (navigation only); defaults to `eval.lr`. The MAML
-    paper's RL evaluation takes alpha for the first step and alpha/2 after it."""
+    later_lr_scale: PositiveFloat = 1.0
+    """The test-time rate of the steps after the first, as a multiple of the first's (navigation only).
+    The MAML paper's RL evaluation takes alpha for the first step and alpha/2 after it: 0.5."""
     split: Split = "test"
     """Split the evaluation tasks are drawn from."""
     batch: PositiveInt = 100
@@ -312,7 +312,7 @@ class Config:
             (self.outer.optimizer == "trpo" and not rl, "outer.optimizer",
              "'trpo' is the reinforcement-learning outer step; allowed for "
              f"task.family {self.task.family!r}: adam, sgd"),
-            (self.eval.later_lr is not None and not rl, "eval.later_lr",
+            (self.eval.later_lr_scale != 1.0 and not rl, "eval.later_lr_scale",
              "is for navigation only; leave it empty"),
             (self.task.amplitude[0] > self.task.amplitude[1], "task.amplitude", "needs lo <= hi"),
             (self.task.x_range[0] >= self.task.x_range[1], "task.x_range", "needs lo < hi"),

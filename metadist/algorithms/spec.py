@@ -117,8 +117,9 @@ def make_spec(cfg, outer_step: int = 0, track: bool = False, task_parallel: str 
 def make_eval_spec(cfg, steps: int | None = None, task_parallel: str | None = None) -> InnerSpec:
     """The spec for test-time adaptation: `eval.steps` steps at `eval.lr`, statistics per step."""
     spec = make_spec(cfg, outer_step=cfg.train.steps, track=True, task_parallel=task_parallel)
+    lr = cfg.eval.lr or cfg.inner.lr
     return spec.with_(steps=cfg.eval.steps if steps is None else steps,
-                      lr=cfg.eval.lr or cfg.inner.lr, later_lr=cfg.eval.later_lr, first_order=True, msl_weights=None,
+                      lr=lr, later_lr=lr * cfg.eval.later_lr_scale, first_order=True, msl_weights=None,
                       bn_eval=spec.bn == "per_step", chunk=cfg.eval.batch,
                       # Evaluation adapts by gradient descent for every algorithm, Reptile included.
                       inner_optimizer="sgd")

@@ -95,3 +95,35 @@ def test_crashed_run_resumes_bit_identically(sine_debug, two_workers):
     assert summary["eval"]["rows"] == whole_summary["eval"]["rows"]
     steps = [r["step"] for r in resumed.history]
     assert steps == [20, 29]  # logging resumed where the checkpoint left off, nothing logged twice
+
+
+def test_trpo_on_navigation_sums_its_products_over_workers_as_the_local_executor_computes_them(local_ray, tmp_path):
+    # The TRPO step's meta-gradient, Fisher-vector products and line-search losses are sums over the
+    # workers' shards of the step's trajectories, which stay in the workers: 2 workers give the local
+    # executor's sums (5 tasks: shares of 3 and 2), up to float32 summation order.
+    from metadist.algorithms import make_spec
+    from metadist.config import load_config
+    from metadist.runtime.flat import Layout
+    from metadist.runtime.local import LocalExecutor
+    from metadist.runtime.ray_executor import RayExecutor
+
+    from ..conftest import ROOT
+
+    cfg = load_config(ROOT / "jobs/rl/maml-navigation-debug.yaml", [
+        f"train.out_dir={tmp_path / 'runs'}", "task.shots=8", "task.query=8", *RAY, "runtime.workers=2"])
+    params = Trainer(cfg).params
+    spec = make_spec(cfg, 3, task_parallel="vmap")
+    v = {k: torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) for k, p in params.items()}
+    candidate = {k: p + 0.01 * v[k] for k, p in params.items()}
+    local, remote = LocalExecutor(cfg), RayExecutor(cfg, Layout.of(params))
+    try:
+        sums = {}
+        for name, ex in (("local", local), ("ray", remote)):
+            step = ex.compute(params, 3, spec, 5)
+            sums[name] = (step.grads, step.sums, ex.fvp(params, 3, spec, 5, v), ex.surrogate(params, 3, spec, 5, candidate))
+    finally:
+        remote.close()
+    (g0, m0, h0, s0), (g1, m1, h1, s1) = sums["local"], sums["ray"]
+    assert rel_err(g1, g0) < 1e-5 and rel_err(h1, h0) < 1e-5
+    assert torch.allclose(s1, s0, rtol=1e-5) and m1["tasks"].item() == 5
+    assert m1["return_after"].item() == pytest.approx(m0["return_after"].item(), rel=1e-5)

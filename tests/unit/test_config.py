@@ -190,9 +190,9 @@ def test_navigation_checks_name_the_key_and_what_is_allowed(change, key, allowed
     msg = config_error(from_dict, data)
     assert key in msg and allowed in msg
     assert "outer.optimizer" in config_error(from_dict, {"outer": {"optimizer": "trpo"}})
-    assert "eval.later_lr" in config_error(from_dict, {"eval": {"later_lr": 0.05}})
-    ok = from_dict({**NAV, "outer": {"optimizer": "trpo"}, "eval": {"later_lr": 0.05}})
-    assert ok.rl.max_kl == 0.01 and ok.eval.later_lr == 0.05
+    assert "eval.later_lr_scale" in config_error(from_dict, {"eval": {"later_lr_scale": 0.5}})
+    ok = from_dict({**NAV, "outer": {"optimizer": "trpo"}, "eval": {"later_lr_scale": 0.5}})
+    assert ok.rl.max_kl == 0.01 and ok.eval.later_lr_scale == 0.5
 
 
 def test_literal_lists_the_allowed_values():

@@ -186,7 +186,7 @@ def test_navigation_trains_with_trpo_resumes_bit_identically_and_evaluates_its_c
     full, summary = _fit(_nav(tmp_path))
     ev = summary["eval"]
     assert ev["metric"] == "return" and [r["steps"] for r in ev["rows"]] == [0, 1, 2, 3]
-    assert (ev["lr"], ev["later_lr"]) == (0.1, 0.05)
+    assert (ev["lr"], ev["later_lr"]) == (0.1, 0.05)  # eval.later_lr_scale 0.5
     assert all(-100 <= r["mean"] < 0 for r in ev["rows"])  # minus a distance, at most 100 steps
     steps = [r for r in full.history if "trpo_kl" in r]
     assert len(steps) == 4 and all(r["trpo_kl"] <= 0.01 and r["return_after"] < 0 for r in steps)
