@@ -59,6 +59,10 @@ class TaskConfig:
     """Navigation steps per trajectory at most (a trajectory also ends within 0.01 of the goal)."""
     max_action: PositiveFloat = 0.1
     """Navigation velocity clip per coordinate."""
+    action_scale: PositiveFloat = 0.1
+    """Navigation velocity per unit of the policy's action, before the clip. The MAML authors' code maps
+    actions in [-1, 1] onto [-max_action, max_action] (rllab's `normalize`): 0.1. With 1.0 the policy's
+    output is the velocity itself."""
 
 
 @dataclass(config=STRICT)

@@ -3,7 +3,9 @@ tensors: tasks x trajectories x 2, no gym and no sampler processes.
 
 A point agent starts at the origin and must reach a goal drawn uniformly from [-0.5, 0.5]^2. It observes
 its position, acts with a velocity clipped to [-0.1, 0.1] per coordinate, and is rewarded minus its
-distance to the goal after the move. A trajectory ends within 0.01 of the goal (the paper's words; the
+distance to the goal after the move. The policy's action is scaled by `action_scale` (0.1) before the
+clip, as the authors' code does (rllab's `normalize` maps actions in [-1, 1] onto the action box), so a
+standard deviation of 1 is one maximal move, not ten. A trajectory ends within 0.01 of the goal (the paper's words; the
 authors' code asks each coordinate to be within 0.01) or after 100 steps.
 
 Everything random is a pure function of (seed, split, step, task index), as for the sinusoid: the goal
@@ -78,10 +80,11 @@ class NavigationTasks:
     """Goals and action noise of 2-D navigation tasks, and the batched environment step."""
 
     def __init__(self, seed: int, goal_range=(-0.5, 0.5), max_action: float = 0.1, horizon: int = 100,
-                 success: float = 0.01, inner_steps: int = 1):
+                 success: float = 0.01, inner_steps: int = 1, action_scale: float = 0.1):
         self.seed = seed
         self.goal_range = tuple(goal_range)
         self.max_action = max_action
+        self.action_scale = action_scale
         self.horizon = horizon
         self.success = success
         self.inner_steps = inner_steps  # training's sampling rounds before the post-update one
@@ -89,7 +92,8 @@ class NavigationTasks:
     @classmethod
     def from_config(cls, cfg) -> "NavigationTasks":
         t = cfg.task
-        return cls(cfg.seed, t.goal_range, t.max_action, t.horizon, inner_steps=cfg.inner.steps)
+        return cls(cfg.seed, t.goal_range, t.max_action, t.horizon, inner_steps=cfg.inner.steps,
+                   action_scale=t.action_scale)
 
     def sample(self, step: int, indices, shots: int, query: int) -> NavigationBatch:
         """Training tasks for one outer step: `shots` trajectories for each inner step, `query` after the
@@ -123,9 +127,10 @@ class NavigationTasks:
         return z.float().view(len(u), trajectories, self.horizon, 2)
 
     def step(self, position: torch.Tensor, action: torch.Tensor, goal: torch.Tensor):
-        """One move of every agent: (next position, reward, reached). `goal` broadcasts against
-        `position` (for example (T, 1, 2) against (T, N, 2))."""
-        position = position + action.clamp(-self.max_action, self.max_action)
+        """One move of every agent by `action_scale` times its action, clipped to `max_action` per
+        coordinate: (next position, reward, reached). `goal` broadcasts against `position` (for example
+        (T, 1, 2) against (T, N, 2))."""
+        position = position + (action * self.action_scale).clamp(-self.max_action, self.max_action)
         distance = torch.linalg.vector_norm(position - goal, dim=-1)
         return position, -distance, distance < self.success
 
@@ -155,4 +160,5 @@ class NavigationTasks:
         """This task source's description for the run record (`metadist.tasks.describe`)."""
         return procedural("navigation", split, {"seed": self.seed, "goal_range": list(self.goal_range),
                                                 "max_action": self.max_action, "horizon": self.horizon,
+                                                "action_scale": self.action_scale,
                                                 "success": self.success})

@@ -106,3 +106,21 @@ def test_resume_of_something_unknown_is_one_line(tmp_path):
     res = CliRunner().invoke(app, ["train", "--resume", "not-a-run-or-path"])
     assert res.exit_code == 2
     assert "neither a checkpoint, a run folder nor a known MLflow run id" in " ".join(res.output.split())
+
+
+def test_a_navigation_run_records_returns_trpo_steps_and_its_figures(tmp_path, mlflow_store):
+    res = CliRunner().invoke(app, [
+        "train", str(ROOT / "jobs/rl/maml-navigation-debug.yaml"), "--no-progress",
+        "--set", f"train.out_dir={tmp_path / 'runs'}", "--set", "train.steps=2", "--set", "train.log_every=1",
+        "--set", "train.eval_every=0", "--set", "train.meta_batch=3", "--set", "task.shots=6",
+        "--set", "task.query=6", "--set", "eval.episodes=3", "--set", "eval.shots=6"])
+    assert res.exit_code == 0, res.output
+    client = MlflowClient(mlflow_store)
+    (run,) = client.search_runs([client.get_experiment_by_name("maml-navigation-debug").experiment_id])
+    assert run.info.status == "FINISHED"
+    for key in ("train/return_before", "train/return_after", "train/trpo_kl", "train/trpo_backtracks"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1], key
+    assert run.data.tags["metadist.metric"].startswith("return after 3 test-time steps")
+    assert "higher is better" in run.data.tags["metadist.metric"]
+    assert {"plots/training_curve.png", "plots/adaptation_curve.png", "plots/navigation_paths.png"} <= \
+        set(_artifacts(client, run.info.run_id))

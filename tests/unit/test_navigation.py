@@ -12,7 +12,7 @@ from metadist.tasks.navigation import NavigationTasks
 
 @pytest.fixture
 def nav():
-    return NavigationTasks(seed=3)
+    return NavigationTasks(seed=3, action_scale=1.0)  # actions are velocities in the tests below
 
 
 def test_goals_are_uniform_in_the_square_and_independent_of_the_batch(nav):
@@ -45,6 +45,12 @@ def test_a_move_is_clipped_and_rewarded_minus_the_distance_after_it(nav):
     assert not reached.any()
     _, reward, reached = nav.step(torch.zeros(1, 2), torch.tensor([[0.05, 0.0]]), torch.tensor([[0.055, 0.0]]))
     assert reached.all() and reward.item() == pytest.approx(-0.005, abs=1e-6)
+
+
+def test_actions_are_scaled_before_the_clip_as_the_authors_code_does():
+    nav = NavigationTasks(seed=3)  # action_scale 0.1: an action of 1 is one maximal move
+    pos, _, _ = nav.step(torch.zeros(1, 2), torch.tensor([[0.5, -3.0]]), torch.tensor([[0.3, 0.0]]))
+    assert torch.allclose(pos, torch.tensor([[0.05, -0.1]]))
 
 
 def test_a_trajectory_ends_at_the_goal_and_standing_still_costs_the_whole_horizon(nav):
