@@ -146,8 +146,8 @@ def test_evaluation_rounds_sample_afresh_after_every_step_at_the_later_rate():
 def test_maml_rl_meta_trains_the_policy_to_adapt_in_one_step():
     # 20 outer steps of second-order MAML (meta-batch 10, 20 trajectories per task, inner lr 0.1, Adam
     # 0.01 outside): one policy-gradient step from the meta-learned policy gains far more than one from
-    # the initial policy. (Measured: post-update return -95 at step 0, about -20 after 20 steps, while
-    # the pre-update return stays near -45.)
+    # the initial policy. (Measured: post-update return -71 at step 0, about -20 over the last 5 steps;
+    # the gain of the step from 4 to about 30.)
     torch.manual_seed(0)
     model = GaussianPolicy()
     env = NavigationTasks(seed=0)
@@ -161,5 +161,5 @@ def test_maml_rl_meta_trains_the_policy_to_adapt_in_one_step():
         opt.step()
         posts.append(m["return_after"].item() / 10)
         gains.append((m["return_after"] - m["return_before"]).item() / 10)
-    assert posts[0] < -80 and sum(posts[-5:]) / 5 > -35, posts
-    assert gains[0] < 5 and sum(gains[-5:]) / 5 > 10, gains
+    assert posts[0] < -60 and sum(posts[-5:]) / 5 > -30, posts
+    assert gains[0] < 5 and sum(gains[-5:]) / 5 > 15, gains
