@@ -100,7 +100,9 @@ def test_crashed_run_resumes_bit_identically(sine_debug, two_workers):
 def test_trpo_on_navigation_sums_its_products_over_workers_as_the_local_executor_computes_them(local_ray, tmp_path):
     # The TRPO step's meta-gradient, Fisher-vector products and line-search losses are sums over the
     # workers' shards of the step's trajectories, which stay in the workers: 2 workers give the local
-    # executor's sums (5 tasks: shares of 3 and 2), up to float32 summation order.
+    # executor's sums (5 tasks: shares of 3 and 2), up to float32 summation order. A worker SIGKILLed
+    # within the step is replaced, and the replacement, which never saw the step, samples its
+    # trajectories again: the same products, bit for bit.
     from metadist.algorithms import make_spec
     from metadist.config import load_config
     from metadist.runtime.flat import Layout
@@ -121,6 +123,11 @@ def test_trpo_on_navigation_sums_its_products_over_workers_as_the_local_executor
         for name, ex in (("local", local), ("ray", remote)):
             step = ex.compute(params, 3, spec, 5)
             sums[name] = (step.grads, step.sums, ex.fvp(params, 3, spec, 5, v), ex.surrogate(params, 3, spec, 5, candidate))
+        os.kill(remote.pids()[1], signal.SIGKILL)
+        again = remote.fvp(params, 3, spec, 5, v)
+        assert remote.restarts == 1
+        assert all(torch.equal(again[k], sums["ray"][2][k]) for k in v)
+        assert torch.equal(remote.surrogate(params, 3, spec, 5, candidate), sums["ray"][3])
     finally:
         remote.close()
     (g0, m0, h0, s0), (g1, m1, h1, s1) = sums["local"], sums["ray"]

@@ -142,6 +142,20 @@ def test_evaluation_rounds_sample_afresh_after_every_step_at_the_later_rate():
     assert torch.equal(halved[:, :2], curves[:, :2]) and not torch.equal(halved[:, 2], curves[:, 2])
 
 
+def test_a_policy_made_nan_by_its_steps_is_counted_as_diverged_not_averaged():
+    from metadist.evaluation import report_of
+
+    model, params, batch = _setup(tasks=3)
+    params = dict(params)
+    spec = SPEC.with_(steps=1, first_order=True)
+    # A rate so large that the step overflows: the adapted policy's outputs, actions and returns are
+    # not finite. The report counts such goals as diverged and leaves them out of the mean.
+    curves = maml_rl.curves(model, params, batch, spec.with_(lr=1e38))
+    assert torch.isfinite(curves["return"][:, 0]).all() and not torch.isfinite(curves["return"][:, 1]).any()
+    report = report_of(curves, spec, split="test", shots=10, episodes=3)
+    assert report["rows"][1]["diverged"] == 3 and report["rows"][0]["diverged"] == 0
+
+
 @pytest.mark.slow
 def test_maml_rl_meta_trains_the_policy_to_adapt_in_one_step():
     # 20 outer steps of second-order MAML (meta-batch 10, 20 trajectories per task, inner lr 0.1, Adam
