@@ -320,6 +320,7 @@ class Config:
              "is for navigation only; leave it empty"),
             (self.task.amplitude[0] > self.task.amplitude[1], "task.amplitude", "needs lo <= hi"),
             (self.task.x_range[0] >= self.task.x_range[1], "task.x_range", "needs lo < hi"),
+            (self.task.goal_range[0] >= self.task.goal_range[1], "task.goal_range", "needs lo < hi"),
             (self.runtime.gpus_per_worker > 0 and self.runtime.device == "cpu", "runtime.device",
              "'cpu' with runtime.gpus_per_worker > 0 reserves GPUs the workers would not use; "
              "allowed then: 'cuda' or 'auto'"),

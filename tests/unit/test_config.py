@@ -190,6 +190,7 @@ def test_navigation_checks_name_the_key_and_what_is_allowed(change, key, allowed
     msg = config_error(from_dict, data)
     assert key in msg and allowed in msg
     assert "outer.optimizer" in config_error(from_dict, {"outer": {"optimizer": "trpo"}})
+    assert "task.goal_range" in config_error(from_dict, {**NAV, "task": {"family": "navigation", "goal_range": [1, 0]}})
     assert "eval.later_lr_scale" in config_error(from_dict, {"eval": {"later_lr_scale": 0.5}})
     ok = from_dict({**NAV, "outer": {"optimizer": "trpo"}, "eval": {"later_lr_scale": 0.5}})
     assert ok.rl.max_kl == 0.01 and ok.eval.later_lr_scale == 0.5
