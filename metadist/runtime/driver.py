@@ -206,14 +206,18 @@ class Trainer:
         sums = result.sums
         n = sums.pop("tasks")
         self.last_loss = (sums["loss_after"] / n).item()
+        worker_s = 0.0  # TRPO's products and line search: work in the executor after `compute`
         if self.optimizer is None:
             lr_outer, extra = math.nan, self.trpo_step(result.grads, n, step, spec)
+            worker_s = extra.pop("time_s")
         else:
             lr_outer = self.optimizer.param_groups[0]["lr"]  # the rate this step uses, before the schedule moves
             self.outer_step(result.grads, sums, n)
             extra = {}
         self.step += 1
-        self.clock.add(cfg.train.meta_batch, time.perf_counter() - start, result.compute_s, result.comm_s)
+        # TRPO's executor calls count as compute (with Ray they include their round trips), so that the
+        # driver's share is what the driver itself does.
+        self.clock.add(cfg.train.meta_batch, time.perf_counter() - start, result.compute_s + worker_s, result.comm_s)
         self.last_record = None
         if track:
             record = {"step": step, **({"lr_outer": lr_outer} if self.optimizer else {}), **extra}
@@ -239,17 +243,24 @@ class Trainer:
         """The TRPO outer step (`outer.optimizer: trpo`): the natural-gradient direction and line search
         of `algorithms.trpo`, on the mean KL's Hessian-vector products and the candidates' surrogate,
         which the executor sums over the meta-batch's trajectories of this step (they never leave the
-        workers). Returns the step's TRPO metrics."""
+        workers). Returns the step's TRPO metrics and `time_s`, the seconds spent in the executor."""
         rl, tasks = self.cfg.rl, self.cfg.train.meta_batch
         start = {k: v.detach().clone() for k, v in self.params.items()}
         grad = {k: grads[k].to(self.device) / n for k in start}
         self._check_finite(list(grad.values()))
 
+        spent = [0.0]
+
         def fvp(v: dict) -> dict:
-            return {k: x.to(self.device) / n for k, x in self.executor.fvp(start, step, spec, tasks, v).items()}
+            t = time.perf_counter()
+            hv = self.executor.fvp(start, step, spec, tasks, v)
+            spent[0] += time.perf_counter() - t
+            return {k: x.to(self.device) / n for k, x in hv.items()}
 
         def evaluate(candidate: dict) -> tuple[float, float]:
+            t = time.perf_counter()
             loss, kl = (self.executor.surrogate(start, step, spec, tasks, candidate) / n).tolist()
+            spent[0] += time.perf_counter() - t
             return loss, kl
 
         new, info = trpo.outer_step(start, grad, fvp, evaluate, rl.max_kl, rl.cg_iters, rl.cg_damping,
@@ -258,7 +269,7 @@ class Trainer:
             for k, p in self.params.items():
                 p.copy_(new[k])
         return {"trpo_kl": info["kl"], "trpo_backtracks": info["backtracks"],
-                "trpo_improvement": info["surrogate_before"] - info["surrogate_after"]}
+                "trpo_improvement": info["surrogate_before"] - info["surrogate_after"], "time_s": spent[0]}
 
     def _check_finite(self, grads: list) -> None:
         if not math.isfinite(self.last_loss) or not all(torch.isfinite(g).all() for g in grads):

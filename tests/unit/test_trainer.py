@@ -191,6 +191,8 @@ def test_navigation_trains_with_trpo_resumes_bit_identically_and_evaluates_its_c
     steps = [r for r in full.history if "trpo_kl" in r]
     assert len(steps) == 4 and all(r["trpo_kl"] <= 0.01 and r["return_after"] < 0 for r in steps)
     assert any(r["trpo_backtracks"] >= 0 for r in steps)  # the line search accepted a step
+    # The products and the line search are the executor's work: the driver's share stays small.
+    assert all(r["time_driver_s"] < r["time_compute_s"] for r in steps)
     assert any("val_return_3" in r for r in full.history)
     # A run stopped after its step-2 checkpoint and resumed gives the same bits.
     half = Trainer(_nav(tmp_path))
