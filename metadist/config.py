@@ -151,8 +151,9 @@ class RLConfig:
     cg_damping: Annotated[float, Field(ge=0)] = 1e-5
     """TRPO: damping added to the Fisher-vector products."""
     hvp: Literal["exact", "finite_difference"] = "exact"
-    """TRPO: the KL's Hessian-vector products by double backward through the inner step (`exact`), or
-    by finite differences of its gradient (`finite_difference`, the paper's choice; step `rl.fd_eps`)."""
+    """TRPO: the KL's Hessian-vector products `exact` (at the sampling parameters, J'HJ through the inner
+    step from one kept graph, equal to a double backward), or by finite differences of the KL's gradient
+    (`finite_difference`, the paper's choice; step `rl.fd_eps`)."""
     fd_eps: PositiveFloat = 1e-5
     """TRPO: the finite-difference step of `rl.hvp: finite_difference`."""
     line_search_steps: PositiveInt = 15
@@ -317,7 +318,7 @@ class Config:
              "'trpo' is the reinforcement-learning outer step; allowed for "
              f"task.family {self.task.family!r}: adam, sgd"),
             (self.eval.later_lr_scale != 1.0 and not rl, "eval.later_lr_scale",
-             "is for navigation only; leave it empty"),
+             "is for navigation only; allowed for this task family: 1.0"),
             (self.task.amplitude[0] > self.task.amplitude[1], "task.amplitude", "needs lo <= hi"),
             (self.task.x_range[0] >= self.task.x_range[1], "task.x_range", "needs lo < hi"),
             (self.task.goal_range[0] >= self.task.goal_range[1], "task.goal_range", "needs lo < hi"),

@@ -5,8 +5,8 @@ A point agent starts at the origin and must reach a goal drawn uniformly from [-
 its position, acts with a velocity clipped to [-0.1, 0.1] per coordinate, and is rewarded minus its
 distance to the goal after the move. The policy's action is scaled by `action_scale` (0.1) before the
 clip, as the authors' code does (rllab's `normalize` maps actions in [-1, 1] onto the action box), so a
-standard deviation of 1 is one maximal move, not ten. A trajectory ends within 0.01 of the goal (the paper's words; the
-authors' code asks each coordinate to be within 0.01) or after 100 steps.
+standard deviation of 1 is one maximal move, not ten. A trajectory ends within 0.01 of the goal (the
+paper's words; the authors' code asks each coordinate to be within 0.01) or after 100 steps.
 
 Everything random is a pure function of (seed, split, step, task index), as for the sinusoid: the goal
 of a task, and the action noise of each of its sampling rounds (`phase`: before adaptation, after the
