@@ -31,32 +31,31 @@ def training_curve(history: list[dict], name: str):
     has_acc = any("acc_after" in r for r in history)
     fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 4), squeeze=False)
     ax = axes[0, 0]
-    for key, label in (("loss_before", "before adaptation"), ("loss_after", "after adaptation")):
-        pts = [(s, r[key]) for s, r in zip(steps, history) if key in r]
-        if pts:
-            ax.plot(*zip(*pts), label=label)
+    _before_after(ax, history, steps, "loss")
     ax.set(xlabel="outer step", ylabel="query loss (mean over the meta-batch)", title=f"{name}: meta-training")
     if all(r.get("loss_after", 1) > 0 for r in history):
         ax.set_yscale("log")
     ax.legend()
     if has_acc:
         ax = axes[0, 1]
-        for key, label in (("acc_before", "before adaptation"), ("acc_after", "after adaptation")):
-            pts = [(s, 100 * r[key]) for s, r in zip(steps, history) if key in r]
-            if pts:
-                ax.plot(*zip(*pts), label=label)
+        _before_after(ax, history, steps, "acc", scale=100)
         ax.set(xlabel="outer step", ylabel="query accuracy %", title="accuracy")
         ax.legend()
     fig.tight_layout()
     return fig
 
 
-def _return_curve(history: list[dict], steps: list[int], name: str):
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("return_before", "before adaptation"), ("return_after", "after adaptation")):
-        pts = [(s, r[key]) for s, r in zip(steps, history) if key in r]
+def _before_after(ax, history: list[dict], steps: list[int], metric: str, scale: float = 1.0) -> None:
+    # `<metric>_before` and `<metric>_after` of the records that have them, against the outer step.
+    for key, label in ((f"{metric}_before", "before adaptation"), (f"{metric}_after", "after adaptation")):
+        pts = [(s, scale * r[key]) for s, r in zip(steps, history) if key in r]
         if pts:
             ax.plot(*zip(*pts), label=label)
+
+
+def _return_curve(history: list[dict], steps: list[int], name: str):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _before_after(ax, history, steps, "return")
     ax.set(xlabel="outer step", ylabel="mean return per trajectory (meta-batch)", title=f"{name}: meta-training")
     ax.legend()
     fig.tight_layout()

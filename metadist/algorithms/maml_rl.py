@@ -8,8 +8,8 @@ only the actions' log-likelihood, recomputed from the stored observations and ac
 `policy_gradient.adapt_policy` (the spec decides first or second order, ANIL's head-only step, learned
 rates), and tasks are vmapped or looped by the same `batching` layer as the supervised algorithms.
 
-`meta_gradient` has the supervised algorithms' shape, summed gradients and summed metrics, so every
-executor runs it unchanged with Adam outside. The TRPO outer step also needs sums over tasks of the
+`maml` has the supervised algorithms' shape, summed gradients and summed metrics, so every executor
+runs it unchanged with Adam outside. The TRPO outer step also needs sums over tasks of the
 adapted policies' KL Hessian-vector products (`fvp`) and of the surrogate and KL at candidate
 parameters (`surrogate`), on the same trajectories (`Samples`), which a worker keeps for the step.
 """
@@ -112,6 +112,12 @@ def _adapted(model, spec: InnerSpec, params: Tensors, pre_obs, pre_actions, pre_
     return model_params(fast)
 
 
+def _surrogate_loss(out, old_out, actions, adv, mask) -> torch.Tensor:
+    # -mean(ratio * advantage) over each task's steps taken (the last two dimensions: trajectories, steps).
+    ratio = torch.exp(pg.gaussian_log_prob(out, actions) - pg.gaussian_log_prob(old_out, actions))
+    return -(ratio * adv * mask).sum((-2, -1)) / mask.sum((-2, -1)).clamp_min(1)
+
+
 def _terms(model, spec: InnerSpec, params, pre_obs, pre_actions, pre_adv, pre_mask, post_obs, post_actions,
            post_adv, post_mask, old_out):
     """One task's (importance-weighted surrogate -mean(ratio * advantage) on its post-update
@@ -119,9 +125,8 @@ def _terms(model, spec: InnerSpec, params, pre_obs, pre_actions, pre_adv, pre_ma
     inner step. At the sampling parameters the ratio is 1 and the surrogate's gradient is the REINFORCE
     meta-gradient."""
     out = functional_call(model, _adapted(model, spec, params, pre_obs, pre_actions, pre_adv, pre_mask), (post_obs,))
-    ratio = torch.exp(pg.gaussian_log_prob(out, post_actions) - pg.gaussian_log_prob(old_out, post_actions))
-    loss = -(ratio * post_adv * post_mask).sum() / post_mask.sum().clamp_min(1)
-    return loss, trpo.diagonal_gaussian_kl(old_out, out, post_mask)
+    return (_surrogate_loss(out, old_out, post_actions, post_adv, post_mask),
+            trpo.diagonal_gaussian_kl(old_out, out, post_mask))
 
 
 def _surrogate_objective(model, spec, params, *task):
@@ -129,11 +134,9 @@ def _surrogate_objective(model, spec, params, *task):
     return loss, {"kl": kl.detach()}
 
 
-def _with_metrics(grads: Tensors, samples: Samples, n: int):
-    m = samples.metrics
+def _with_metrics(grads: Tensors, returns: dict, n: int):
     # The loss the trainer shows and checks for divergence: minus the post-update return.
-    return grads, {"tasks": torch.tensor(float(n)), "loss_after": -m["return_after"],
-                   "return_before": m["return_before"], "return_after": m["return_after"]}
+    return grads, {"tasks": torch.tensor(float(n)), "loss_after": -returns["return_after"], **returns}
 
 
 def maml(model, params: Tensors, batch, spec: InnerSpec):
@@ -143,7 +146,7 @@ def maml(model, params: Tensors, batch, spec: InnerSpec):
     the learned rates in `params`."""
     samples = sample(model, params, batch, spec)
     grads, _ = sum_of_grads(partial(_surrogate_objective, model, spec), params, samples, spec)
-    return _with_metrics(grads, samples, batch.num_tasks)
+    return _with_metrics(grads, samples.metrics, batch.num_tasks)
 
 
 def trpo_start(model, params: Tensors, batch, spec: InnerSpec):
@@ -152,23 +155,20 @@ def trpo_start(model, params: Tensors, batch, spec: InnerSpec):
     taken from the kept graph."""
     samples = sample(model, params, batch, spec)
     curvature = Curvature(model, params, samples, spec)
-    return *_with_metrics(curvature.grad(), samples, batch.num_tasks), curvature
+    return *_with_metrics(curvature.grad(), samples.metrics, batch.num_tasks), curvature
 
 
 def pretrain(model, params: Tensors, batch, spec: InnerSpec):
     """The MAML paper's "pretrained" baseline: one policy trained on all tasks jointly by the policy
     gradient of its own trajectories (no inner step)."""
-    env = batch.env
-    pre = env.rollout(policy_act(model, params), batch.goals, batch.noise(0))
-    adv = pg.advantages(pre.obs, pre.rewards, pre.mask, spec.gamma, spec.gae_lambda)
+    pre, adv, *_ = next(rounds(model, params, batch, spec, 0))
     leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
     with torch.enable_grad():
         lp = pg.gaussian_log_prob(functional_call(model, model_params(leaves), (pre.obs,)), pre.actions)
         loss = pg.reinforce_loss(lp, adv, pre.mask).sum()
         g = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
     ret = pre.returns().mean(1).sum()
-    return dict(zip(leaves, g)), {"tasks": torch.tensor(float(batch.num_tasks)), "loss_after": -ret,
-                                  "return_before": ret, "return_after": ret}
+    return _with_metrics(dict(zip(leaves, g)), {"return_before": ret, "return_after": ret}, batch.num_tasks)
 
 
 def kl_sum(model, params: Tensors, samples: Samples, spec: InnerSpec) -> torch.Tensor:
@@ -226,8 +226,7 @@ class Curvature:
         s = self.samples
         out = self.out.detach().requires_grad_()
         with torch.enable_grad():
-            ratio = torch.exp(pg.gaussian_log_prob(out, s.post_actions) - pg.gaussian_log_prob(s.old_out, s.post_actions))
-            loss = -((ratio * s.post_adv * s.post_mask).sum((1, 2)) / s.post_mask.sum((1, 2)).clamp_min(1)).sum()
+            loss = _surrogate_loss(out, s.old_out, s.post_actions, s.post_adv, s.post_mask).sum()
             dout, = torch.autograd.grad(loss, out)
             return {n: g.detach() for n, g in self._vjp(dout).items()}
 
