@@ -29,47 +29,66 @@ SPLITS = {name: code for code, name in enumerate(get_args(Split))}
 """The dataset splits in order, each with its code in the seeds that draw its tasks and episodes."""
 
 
+RL_FAMILIES = {"navigation": (2, 2), "locomotion": (17, 6)}
+"""The reinforcement-learning task families, a policy meta-trained on sampled trajectories, and their
+(observation, action) sizes: a position and a velocity; gymnasium's half-cheetah's 17 numbers and 6
+actuators."""
+
+
 class ConfigError(UserError, ValueError):
     """A config problem, phrased for the user: which key, what was given, what is allowed."""
 
 
 @dataclass(config=STRICT)
 class TaskConfig:
-    family: Literal["sinusoid", "fewshot", "noise", "navigation"] = "sinusoid"
+    family: Literal["sinusoid", "fewshot", "noise", "navigation", "locomotion"] = "sinusoid"
     """Task family: `sinusoid` regression (MAML paper 5.1), `fewshot` N-way K-shot image episodes,
-    `navigation` (2-D point navigation to a goal, reinforcement learning: MAML paper 5.3), or `noise`
-    (random-pixel episodes of the fewshot shape, nothing to learn: for benchmarks and tests)."""
+    `navigation` (2-D point navigation to a goal, reinforcement learning: MAML paper 5.3), `locomotion`
+    (half-cheetah goal velocity or direction on gymnasium's MuJoCo, MAML paper 5.3; the `mujoco` extra),
+    or `noise` (random-pixel episodes of the fewshot shape, nothing to learn: for benchmarks and tests)."""
     ways: Annotated[int, Field(ge=2)] = 5
     """N, the number of classes per episode (fewshot only; at least 2)."""
     shots: PositiveInt = 10
     """K, support examples per class (fewshot), support points per task (sinusoid), or trajectories per
-    task sampled before the inner step (navigation) in training."""
+    task sampled before the inner step (navigation, locomotion) in training."""
     query: PositiveInt = 10
     """Query examples per class (fewshot), query points per task (sinusoid), or trajectories per task
-    sampled after the inner step (navigation) in training."""
+    sampled after the inner step (navigation, locomotion) in training."""
     amplitude: tuple[float, float] = (0.1, 5.0)
     """Sinusoid amplitude range A ~ U[lo, hi]."""
     phase: tuple[float, float] = (0.0, 3.141592653589793)
     """Sinusoid phase range phi ~ U[lo, hi]."""
     x_range: tuple[float, float] = (-5.0, 5.0)
     """Sinusoid input range x ~ U[lo, hi]."""
-    goal_range: tuple[float, float] = (-0.5, 0.5)
-    """Navigation goal coordinates ~ U[lo, hi] each."""
-    horizon: PositiveInt = 100
-    """Navigation steps per trajectory at most (a trajectory also ends within 0.01 of the goal)."""
-    max_action: PositiveFloat = 0.1
-    """Navigation velocity clip per coordinate."""
-    action_scale: PositiveFloat = 0.1
-    """Navigation velocity per unit of the policy's action, before the clip. The MAML authors' code maps
-    actions in [-1, 1] onto [-max_action, max_action] (rllab's `normalize`): 0.1. With 1.0 the policy's
-    output is the velocity itself."""
+    goal_range: Optional[tuple[float, float]] = None
+    """Navigation goal coordinates ~ U[lo, hi] each (default [-0.5, 0.5]); locomotion (`objective:
+    velocity`) goal velocity ~ U[lo, hi] (default the paper's [0, 2])."""
+    horizon: Optional[PositiveInt] = None
+    """Steps per trajectory at most: by default navigation's 100 (a trajectory also ends within 0.01 of
+    the goal), locomotion's 200."""
+    max_action: Optional[PositiveFloat] = None
+    """Action clip per coordinate: by default navigation's velocity box (0.1), locomotion's actuator box
+    (1.0)."""
+    action_scale: Optional[PositiveFloat] = None
+    """The environment's action per unit of the policy's, before the clip. By default 0.1 for navigation:
+    the MAML authors' code maps actions in [-1, 1] onto [-max_action, max_action] (rllab's `normalize`),
+    and with 1.0 the policy's output is the velocity itself; 1.0 for locomotion, whose actuators take
+    [-1, 1]."""
+    objective: Literal["velocity", "direction"] = "velocity"
+    """Locomotion: run at a goal velocity drawn from `goal_range` (`velocity`), or forward or backward,
+    each with probability 1/2 (`direction`)."""
+
+    @property
+    def rl(self) -> bool:
+        """Whether this family is reinforcement learning (a policy, trajectories, returns)."""
+        return self.family in RL_FAMILIES
 
 
 @dataclass(config=STRICT)
 class ModelConfig:
     name: Literal["mlp", "conv4", "policy"] = "mlp"
     """Network: `mlp` (regression, 1-40-40-1 ReLU by default), `conv4` (four conv blocks + linear head),
-    or `policy` (navigation: a ReLU MLP giving a Gaussian's mean, with a learned state-independent log
+    or `policy` (navigation, locomotion: a ReLU MLP giving a Gaussian's mean, with a learned state-independent log
     standard deviation)."""
     hidden: list[PositiveInt] = field(default_factory=lambda: [40, 40])
     """Hidden layer widths of the MLP and the policy (the MAML paper's policy: [100, 100])."""
@@ -128,7 +147,7 @@ class InnerConfig:
 class OuterConfig:
     optimizer: Literal["adam", "sgd", "trpo"] = "adam"
     """Outer (meta) optimizer. Reptile's outer step size epsilon is `outer.lr` with `sgd`. `trpo`
-    (navigation only: the MAML paper's RL outer step) takes the natural-gradient step under a bound on
+    (navigation and locomotion only: the MAML paper's RL outer step) takes the natural-gradient step under a bound on
     the adapted policies' mean KL (the `rl.*` settings) and ignores `outer.lr`."""
     lr: PositiveFloat = 0.001
     """Meta learning rate."""
@@ -195,7 +214,8 @@ class EvalConfig:
     lr: Optional[PositiveFloat] = None
     """Test-time inner learning rate; defaults to `inner.lr` (learned rates are used where trained)."""
     later_lr_scale: PositiveFloat = 1.0
-    """The test-time rate of the steps after the first, as a multiple of the first's (navigation only).
+    """The test-time rate of the steps after the first, as a multiple of the first's (navigation and
+    locomotion only).
     The MAML paper's RL evaluation takes alpha for the first step and alpha/2 after it: 0.5."""
     split: Split = "test"
     """Split the evaluation tasks are drawn from."""
@@ -296,32 +316,34 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """MLflow run recording."""
     rl: RLConfig = field(default_factory=RLConfig)
-    """Reinforcement learning (task.family navigation): advantages and the TRPO outer step."""
+    """Reinforcement learning (task.family navigation or locomotion): advantages and the TRPO outer step."""
 
     def __post_init__(self) -> None:
-        rl = self.task.family == "navigation"
+        rl = self.task.rl
         checks = [
             (self.model.name == "mlp" and self.task.family != "sinusoid",
              "model.name", "mlp is for sinusoid regression; use conv4 for fewshot and noise, policy for "
-             "navigation"),
-            (self.model.name == "conv4" and self.task.family in ("sinusoid", "navigation"),
-             "model.name", "conv4 is for fewshot classification; use mlp for sinusoid, policy for navigation"),
+             "navigation and locomotion"),
+            (self.model.name == "conv4" and (self.task.family == "sinusoid" or rl),
+             "model.name", "conv4 is for fewshot classification; use mlp for sinusoid, policy for navigation "
+             "and locomotion"),
             (rl != (self.model.name == "policy"), "model.name",
-             f"{self.model.name!r} with task.family {self.task.family!r}: navigation takes the model "
-             "'policy', and 'policy' is for navigation only"),
+             f"{self.model.name!r} with task.family {self.task.family!r}: navigation and locomotion take "
+             "the model 'policy', and 'policy' is for them only"),
             (rl and self.algorithm.name == "reptile", "algorithm.name",
-             "'reptile' is not implemented for navigation; allowed there: maml, fomaml, anil, metasgd, pretrain"),
+             "'reptile' is not implemented for reinforcement learning; allowed there: maml, fomaml, anil, metasgd, pretrain"),
             (rl and self.algorithm.msl, "algorithm.msl",
-             "the multi-step loss is not implemented for navigation (it needs the post-update "
+             "the multi-step loss is not implemented for reinforcement learning (it needs the post-update "
              "trajectories of every inner step); allowed there: false"),
             (self.outer.optimizer == "trpo" and not rl, "outer.optimizer",
              "'trpo' is the reinforcement-learning outer step; allowed for "
              f"task.family {self.task.family!r}: adam, sgd"),
             (self.eval.later_lr_scale != 1.0 and not rl, "eval.later_lr_scale",
-             "is for navigation only; allowed for this task family: 1.0"),
+             "is for reinforcement learning only; allowed for this task family: 1.0"),
             (self.task.amplitude[0] > self.task.amplitude[1], "task.amplitude", "needs lo <= hi"),
             (self.task.x_range[0] >= self.task.x_range[1], "task.x_range", "needs lo < hi"),
-            (self.task.goal_range[0] >= self.task.goal_range[1], "task.goal_range", "needs lo < hi"),
+            (self.task.goal_range is not None and self.task.goal_range[0] >= self.task.goal_range[1],
+             "task.goal_range", "needs lo < hi"),
             (self.runtime.gpus_per_worker > 0 and self.runtime.device == "cpu", "runtime.device",
              "'cpu' with runtime.gpus_per_worker > 0 reserves GPUs the workers would not use; "
              "allowed then: 'cuda' or 'auto'"),

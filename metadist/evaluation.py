@@ -39,7 +39,7 @@ def episode_curves(model, params: dict, cfg, tasks, indices: range, *, task_para
     spec = make_eval_spec(cfg, steps, task_parallel=task_parallel)
     batch = tasks.fixed(split or cfg.eval.split, indices, cfg.eval.shots or cfg.task.shots, cfg.eval.query)
     batch = batch.to(next(iter(params.values())).device)
-    if cfg.task.family == "navigation":
+    if cfg.task.rl:
         return maml_rl.curves(model, params, batch, spec)
     return adapt_curve(model, params, batch, spec)
 

@@ -31,7 +31,7 @@ RL_ALGORITHMS = {
     "metasgd": maml_rl.maml,
     "pretrain": maml_rl.pretrain,
 }
-"""The same names for reinforcement-learning tasks (`task.family: navigation`)."""
+"""The same names for reinforcement-learning tasks (`task.family: navigation` or `locomotion`)."""
 
 __all__ = ["ALGORITHMS", "RL_ALGORITHMS", "algorithm_for", "InnerSpec", "adapt_curve", "init_meta_params", "make_eval_spec", "make_spec",
            "msl_weights"]
@@ -39,7 +39,7 @@ __all__ = ["ALGORITHMS", "RL_ALGORITHMS", "algorithm_for", "InnerSpec", "adapt_c
 
 def algorithm_for(cfg):
     """The function that computes the configured algorithm's summed meta-gradients for the task family."""
-    return (RL_ALGORITHMS if cfg.task.family == "navigation" else ALGORITHMS)[cfg.algorithm.name]
+    return (RL_ALGORITHMS if cfg.task.rl else ALGORITHMS)[cfg.algorithm.name]
 
 
 def init_meta_params(model: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 trajectories, adapt with one differentiable policy-gradient step per task, sample again with the adapted
 policy, and differentiate the post-update surrogate through the inner step.
 
-The task batch (`tasks.navigation.NavigationBatch`) carries its environment, goals and action noise; it
+The task batch (`tasks.rl.RLBatch`) carries its environment, goals and sampling rounds' randomness; it
 is handed in, so this module stays pure torch. Sampling never builds a graph: the policy gradient needs
 only the actions' log-likelihood, recomputed from the stored observations and actions. The inner step is
 `policy_gradient.adapt_policy` (the spec decides first or second order, ANIL's head-only step, learned
@@ -262,7 +262,7 @@ def rounds(model, params: Tensors, batch, spec: InnerSpec, steps: int):
     # The learned rates (Meta-SGD, LSLR) travel with each task's adapted parameters after the first step.
     rates = {n: v for n, v in params.items() if "/" in n}
     for k in range(steps + 1):
-        roll = batch.env.rollout(policy_act(model, fast, per_task), batch.goals, batch.noise(k))
+        roll = batch.rollout(policy_act(model, fast, per_task), k)
         adv = pg.advantages(roll.obs, roll.rewards, roll.mask, spec.gamma, spec.gae_lambda)
         yield roll, adv, fast, per_task
         if k == steps:

@@ -91,7 +91,7 @@ def make_spec(cfg, outer_step: int = 0, track: bool = False, task_parallel: str 
     when the config says `auto`."""
     algo = cfg.algorithm
     first_order = algo.name == "fomaml" or outer_step < algo.first_order_until
-    loss = {"sinusoid": "mse", "navigation": "pg"}.get(cfg.task.family, "ce")
+    loss = "pg" if cfg.task.rl else {"sinusoid": "mse"}.get(cfg.task.family, "ce")
     lr = cfg.inner.lr
     if loss == "pg" and algo.name == "pretrain":
         # Pretraining under TRPO is MAML-RL with no inner step: the "adapted" policy is the policy itself,

@@ -10,6 +10,7 @@ import torch
 
 from metadist.models.conv4 import Conv4
 from metadist.models.mlp import MLP
+from metadist.config import RL_FAMILIES
 from metadist.models.policy import GaussianPolicy
 
 
@@ -29,7 +30,8 @@ def _conv4(cfg) -> Conv4:
 
 def _policy(cfg) -> GaussianPolicy:
     m = cfg.model
-    return GaussianPolicy(obs_dim=2, hidden=list(m.hidden), act_dim=2, init_std=m.init_std)
+    obs_dim, act_dim = RL_FAMILIES[cfg.task.family]
+    return GaussianPolicy(obs_dim=obs_dim, hidden=list(m.hidden), act_dim=act_dim, init_std=m.init_std)
 
 
 MODELS = {"mlp": _mlp, "conv4": _conv4, "policy": _policy}

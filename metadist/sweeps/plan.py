@@ -71,7 +71,7 @@ class SweepConfig:
     metric: str = "auto"
     """Validation metric to optimise: `val_mse` / `val_accuracy` (after `eval.steps` test-time steps) or
     `val_<metric>_<k>` after k steps; `auto` picks `val_mse` for sinusoids, `val_accuracy` for images,
-    `val_return` for navigation."""
+    `val_return` for navigation and locomotion."""
     mode: Literal["auto", "min", "max"] = "auto"
     """Whether lower or higher `metric` is better; `auto`: min for MSE, max for accuracy and return."""
     search: Literal["random", "grid", "optuna"] = "random"
@@ -255,7 +255,7 @@ def plan_sweep(sweep: SweepConfig, sweep_file: Path | None = None) -> SweepPlan:
     if data_path and "://" not in data_path:
         job["data"]["path"] = str(Path(data_path).resolve())  # Tune runs trials in other directories
 
-    metric_name = {"sinusoid": "mse", "navigation": "return"}.get(cfg.task.family, "accuracy")
+    metric_name = "return" if cfg.task.rl else {"sinusoid": "mse"}.get(cfg.task.family, "accuracy")
     allowed = [f"val_{metric_name}"] + [f"val_{metric_name}_{k}" for k in range(cfg.eval.steps + 1)]
     metric = allowed[0] if sweep.metric == "auto" else sweep.metric
     if metric not in allowed:

@@ -13,6 +13,9 @@ def build_tasks(cfg, rank: int = 0, world: int = 1):
     if cfg.task.family == "navigation":
         from metadist.tasks.navigation import NavigationTasks
         return NavigationTasks.from_config(cfg)
+    if cfg.task.family == "locomotion":
+        from metadist.tasks.locomotion import LocomotionTasks  # gymnasium only when it runs
+        return LocomotionTasks.from_config(cfg)
     if cfg.task.family == "noise":
         return NoiseImageTasks.from_config(cfg)
     if not cfg.data.path:

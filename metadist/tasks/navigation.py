@@ -16,115 +16,34 @@ worker samples the same trajectories again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from metadist.episode import episode_range
+from metadist.config import RL_FAMILIES
 from metadist.tasks.describe import procedural
-from metadist.tasks.sinusoid import task_seeds, uniforms
-
-# Draws per task before the noise: the goal's two coordinates.
-_GOAL_DRAWS = 2
+from metadist.tasks.rl import RLTasks, Rollouts, family_settings
 
 
-@dataclass
-class Rollouts:
-    """Sampled trajectories of T tasks x N trajectories x H steps (masked after a trajectory ends)."""
-
-    obs: torch.Tensor
-    """(T, N, H, 2) the position each action was taken from."""
-    actions: torch.Tensor
-    """(T, N, H, 2) the actions as sampled (before clipping): what the policy's log-likelihood scores."""
-    rewards: torch.Tensor
-    """(T, N, H) minus the distance to the goal after each move; 0 after the end."""
-    mask: torch.Tensor
-    """(T, N, H) 1.0 for the steps a trajectory took, 0.0 after it ended."""
-
-    def returns(self) -> torch.Tensor:
-        """(T, N) undiscounted return of each trajectory: the paper's evaluation measure."""
-        return (self.rewards * self.mask).sum(-1)
-
-
-@dataclass
-class NavigationBatch:
-    """Tasks `indices` of outer step `step` in `split`: their goals, and the action noise of each sampling
-    round on demand (`noise(phase)`), on `device`. `shots` trajectories are sampled in each round an inner
-    step learns from, `query` in round `post_round` (after the last inner step of training)."""
-
-    env: "NavigationTasks"
-    split: str
-    step: int
-    indices: range
-    goals: torch.Tensor
-    shots: int
-    query: int
-    post_round: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def num_tasks(self) -> int:
-        return len(self.indices)
-
-    def noise(self, phase: int) -> torch.Tensor:
-        """(T, N, H, 2) the noise of sampling round `phase` (0: before adaptation, k: after step k)."""
-        n = self.query if phase == self.post_round else self.shots
-        return self.env.noise(self.split, self.step, self.indices, phase, n).to(self.device)
-
-    def to(self, device) -> "NavigationBatch":
-        return NavigationBatch(self.env, self.split, self.step, self.indices, self.goals.to(device),
-                               self.shots, self.query, self.post_round, torch.device(device))
-
-
-class NavigationTasks:
+class NavigationTasks(RLTasks):
     """Goals and action noise of 2-D navigation tasks, and the batched environment step."""
+
+    obs_dim, act_dim = RL_FAMILIES["navigation"]
+    goal_draws = 2
 
     def __init__(self, seed: int, goal_range=(-0.5, 0.5), max_action: float = 0.1, horizon: int = 100,
                  success: float = 0.01, inner_steps: int = 1, action_scale: float = 0.1):
-        self.seed = seed
+        super().__init__(seed, horizon, inner_steps)
         self.goal_range = tuple(goal_range)
         self.max_action = max_action
         self.action_scale = action_scale
-        self.horizon = horizon
         self.success = success
-        self.inner_steps = inner_steps  # training's sampling rounds before the post-update one
 
     @classmethod
     def from_config(cls, cfg) -> "NavigationTasks":
-        t = cfg.task
-        return cls(cfg.seed, t.goal_range, t.max_action, t.horizon, inner_steps=cfg.inner.steps,
-                   action_scale=t.action_scale)
+        return cls(cfg.seed, inner_steps=cfg.inner.steps, **family_settings(cfg.task))
 
-    def sample(self, step: int, indices, shots: int, query: int) -> NavigationBatch:
-        """Training tasks for one outer step: `shots` trajectories for each inner step, `query` after the
-        last."""
-        indices = episode_range(indices)
-        return NavigationBatch(self, "train", step, indices, self.goals("train", step, indices), shots, query,
-                               post_round=self.inner_steps)
-
-    def fixed(self, split: str, n: int | range, shots: int, query: int) -> NavigationBatch:
-        """The fixed evaluation goals of `split` (its first n, or those of range n), with `shots`
-        trajectories in every sampling round; the same for every run with this seed."""
-        indices = episode_range(n)
-        # Step -1 is never a training step, so evaluation goals cannot coincide with training ones.
-        return NavigationBatch(self, split, -1, indices, self.goals(split, -1, indices), shots, shots)
-
-    def goals(self, split: str, step: int, indices) -> torch.Tensor:
-        """(T, 2) the goals of tasks `indices` of outer step `step` in `split`."""
-        u = uniforms(task_seeds(self.seed, split, step, indices), _GOAL_DRAWS)
+    def make_goals(self, u: torch.Tensor) -> torch.Tensor:
         lo, hi = self.goal_range
         return (lo + (hi - lo) * u).float()
-
-    def noise(self, split: str, step: int, indices, phase: int, trajectories: int) -> torch.Tensor:
-        """(T, N, H, 2) standard normal action noise for sampling round `phase` of each task: round 0
-        before adaptation, round k after the k-th gradient step. Box-Muller on the task's own uniforms,
-        after its goal's draws, so no round shares a draw with another or with the goal."""
-        n = trajectories * self.horizon * 2
-        start = _GOAL_DRAWS + phase * 2 * n
-        u = uniforms(task_seeds(self.seed, split, step, indices), start + 2 * n)[:, start:]
-        u1, u2 = u[:, :n], u[:, n:]
-        z = torch.sqrt(-2.0 * torch.log1p(-u1)) * torch.cos(2.0 * torch.pi * u2)  # log1p(-u): u may be 0
-        return z.float().view(len(u), trajectories, self.horizon, 2)
 
     def step(self, position: torch.Tensor, action: torch.Tensor, goal: torch.Tensor):
         """One move of every agent by `action_scale` times its action, clipped to `max_action` per
@@ -134,8 +53,9 @@ class NavigationTasks:
         distance = torch.linalg.vector_norm(position - goal, dim=-1)
         return position, -distance, distance < self.success
 
-    def rollout(self, act, goals: torch.Tensor, noise: torch.Tensor) -> Rollouts:
-        """Trajectories from the origin towards `goals` (T, 2), `noise` (T, N, H, 2) from `noise`.
+    def rollout(self, act, goals: torch.Tensor, noise: torch.Tensor, start=None) -> Rollouts:
+        """Trajectories from the origin (every `start` is the origin) towards `goals` (T, 2), `noise`
+        (T, N, H, 2) from `noise`.
         `act(obs, noise)` maps positions (T, N, 2) and the step's noise to actions (T, N, 2): the
         policy's mean plus its standard deviation times the noise. The environment is not differentiated
         through; the policy gradient needs only the actions' log-likelihood."""

@@ -181,7 +181,7 @@ NAV = {"task": {"family": "navigation"}, "model": {"name": "policy"}}
 
 @pytest.mark.parametrize("change, key, allowed", [
     ({"model": {"name": "mlp"}}, "model.name", "policy for navigation"),
-    ({"task": {"family": "sinusoid"}}, "model.name", "'policy' is for navigation only"),
+    ({"task": {"family": "sinusoid"}}, "model.name", "'policy' is for them only"),
     ({"algorithm": {"name": "reptile"}}, "algorithm.name", "maml, fomaml, anil, metasgd, pretrain"),
     ({"algorithm": {"name": "maml", "msl": True}}, "algorithm.msl", "allowed there: false"),
 ])
