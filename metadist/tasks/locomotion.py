@@ -24,6 +24,8 @@ split, step, task, round) as in navigation.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -41,12 +43,20 @@ RESET_NOISE = 0.1  # gymnasium's reset_noise_scale for the half-cheetah
 def _make_env():
     try:
         import gymnasium
+        import mujoco
     except ImportError:
         raise UserError('task.family locomotion needs gymnasium and mujoco: pip install -e ".[mujoco]"') from None
+    # MuJoCo 3.17 warns that gymnasium's half-cheetah model uses a deprecated attribute, and writes the
+    # warning to MUJOCO_LOG.TXT in the working directory. The model is gymnasium's, not the user's: that
+    # warning is dropped, any other goes through Python's warnings, and no file is written.
+    previous = mujoco.get_mju_user_warning()
+    mujoco.set_mju_user_warning(lambda msg: None if "settotalmass" in msg else warnings.warn(f"MuJoCo: {msg}"))
     try:
         return gymnasium.make(ENV_ID).unwrapped  # no wrappers: the time limit and checks are ours
     except (ImportError, gymnasium.error.DependencyNotInstalled) as e:
         raise UserError(f'task.family locomotion needs mujoco ({e}): pip install -e ".[mujoco]"') from None
+    finally:
+        mujoco.set_mju_user_warning(previous)
 
 
 def _observe(states) -> torch.Tensor:
