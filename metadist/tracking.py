@@ -51,6 +51,15 @@ class TrackingError(UserError, RuntimeError):
     """The MLflow store cannot be used: unreachable, or it refused our credentials."""
 
 
+def open_client(uri: str) -> MlflowClient:
+    """A client of the store at `uri`; a store MLflow refuses to open is one clear error."""
+    try:
+        return MlflowClient(uri)
+    except MlflowException as err:
+        # For example a file: store, which MLflow 3.17 refuses unless MLFLOW_ALLOW_FILE_STORE is set.
+        raise TrackingError(f"cannot use the MLflow store {uri}: {str(err).splitlines()[0][:300]}") from None
+
+
 def check_store(client: MlflowClient, uri: str) -> None:
     """One cheap request, so a wrong URI or missing credentials is one clear error before training."""
     url = urlparse(uri)
@@ -157,7 +166,7 @@ class Tracker:
                  run_name: str | None = None, tags: dict[str, str] | None = None):
         self.cfg = cfg
         self.uri = tracking_uri(uri or cfg.tracking.uri)
-        self.client = MlflowClient(self.uri)
+        self.client = open_client(self.uri)
         if run_id is None:  # a new run: the store is asked now, before a run folder or a worker exists
             check_store(self.client, self.uri)
         self.run_id = run_id
@@ -263,7 +272,7 @@ class Tracker:
 
 def find_run_dir(run_id: str, uri: str | None = None) -> Path:
     """The run folder recorded for MLflow run `run_id` (for `metadist train --resume RUN_ID`)."""
-    client = MlflowClient(tracking_uri(uri))
+    client = open_client(tracking_uri(uri))
     try:
         run = client.get_run(run_id)
     except Exception as err:
@@ -282,7 +291,7 @@ class SweepRun:
 
     def __init__(self, uri: str, experiment: str, run_id: str | None = None):
         self.uri = uri
-        self.client = MlflowClient(uri)
+        self.client = open_client(uri)
         check_store(self.client, uri)
         self.experiment_id = experiment_id(self.client, experiment, uri)
         self.run_id = run_id

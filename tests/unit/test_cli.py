@@ -38,7 +38,8 @@ def test_train_then_eval_write_summaries(tmp_path):
     assert report["episodes"] == 10 and len(report["rows"]) == 2
 
 
-def test_bad_inputs_are_one_line_errors(tmp_path):
+def test_bad_inputs_are_one_line_errors(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     cases = [
         (["train", JOB, "--set", "inner.lrr=0.1"], "unknown key 'inner.lrr'; allowed keys under 'inner': lr, steps"),
         (["train", JOB, "--set", "inner.lr=-1"], "inner.lr: Input should be greater than 0"),
@@ -50,6 +51,9 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
          "data.path: task.family=fewshot needs a dataset directory"),
         (["train", JOB, "--set", "inner.lr=1e6", *_small(tmp_path)], "meta-gradient is not finite"),
         (["config", JOB, "--set", "task.ways=1"], "task.ways: Input should be greater than or equal to 2"),
+        # MLflow 3.17 refuses a file: store unless told otherwise.
+        (["train", JOB, "--set", f"tracking.uri=file:{tmp_path / 'mlruns'}", *_small(tmp_path)],
+         "cannot use the MLflow store file:"),
     ]
     if not torch.cuda.is_available():
         cases.append((["train", JOB, "--set", "runtime.device=cuda"], "runtime.device: 'cuda' was asked for"))
