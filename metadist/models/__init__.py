@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from metadist.config import RL_FAMILIES
 from metadist.models.conv4 import Conv4
 from metadist.models.mlp import MLP
-from metadist.config import RL_FAMILIES
 from metadist.models.policy import GaussianPolicy
 
 

@@ -12,14 +12,14 @@ observation is gymnasium's 17 numbers (joint positions but the root's x, and vel
 torso's centre of mass; the forward velocity is the root's x velocity over a step, not the torso's
 centre-of-mass velocity.
 
-gymnasium gives the environment: the MuJoCo model, its frame skip, its initial state and its
-observation (every joint position but the root's x, then every velocity). A worker makes one gymnasium
-environment and keeps one MuJoCo state (`MjData`) per trajectory of its shard, stepped in a loop with
-the policy batched over all of them: half the time of calling each environment's `step` (which also
-computes gymnasium's own rewards and info), and one model load instead of one per trajectory. The start states (gymnasium's: uniform noise of 0.1 on the joint
-positions, normal noise of 0.1 on the velocities) and the action noise come from the task's own stream
-(`tasks.rl`), not from gymnasium's generator, so a round's trajectories are a pure function of (seed,
-split, step, task, round) as in navigation.
+gymnasium gives the MuJoCo model, its frame skip, its initial state and the observation. A worker makes
+one gymnasium environment and keeps one MuJoCo state (`MjData`) per trajectory of its shard, stepped in
+a loop with the policy batched over all of them: half the time of calling each environment's `step`
+(which also computes gymnasium's own rewards and info), and one model load instead of one per
+trajectory. The start states (gymnasium's: uniform noise of 0.1 on the joint positions, normal noise of
+0.1 on the velocities) and the action noise come from the task's own stream (`tasks.rl`), not from
+gymnasium's generator, so a round's trajectories are a pure function of (seed, split, step, task,
+round) as in navigation.
 """
 
 from __future__ import annotations
@@ -78,14 +78,15 @@ class LocomotionTasks(RLTasks):
         self.goal_range = tuple(goal_range)
         self.max_action = max_action
         self.action_scale = action_scale
-        self._envs: list = []
+        self._env = None
+        self._states: list = []
 
     @classmethod
     def from_config(cls, cfg) -> "LocomotionTasks":
         return cls(cfg.seed, cfg.task.objective, inner_steps=cfg.inner.steps, **family_settings(cfg.task))
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_envs": []}  # environments are made where they run
+        return {**self.__dict__, "_env": None, "_states": []}  # environments are made where they run
 
     def make_goals(self, u: torch.Tensor) -> torch.Tensor:
         """(T, 1): the goal velocity, or the direction (+1 forward, -1 backward)."""
@@ -104,12 +105,11 @@ class LocomotionTasks(RLTasks):
         """(gymnasium environment, `n` MuJoCo states of its model): made once per worker and kept."""
         import mujoco
 
-        if not self._envs:
-            self._envs.append(_make_env())
-        env = self._envs[0]
-        while len(self._envs) - 1 < n:
-            self._envs.append(mujoco.MjData(env.model))
-        return env, self._envs[1:n + 1]
+        if self._env is None:
+            self._env = _make_env()
+        while len(self._states) < n:
+            self._states.append(mujoco.MjData(self._env.model))
+        return self._env, self._states[:n]
 
     def rewards(self, velocity: torch.Tensor, actions: torch.Tensor, goals: torch.Tensor) -> torch.Tensor:
         """(T, N) the reward of one step: forward `velocity` (T, N), clipped `actions` (T, N, A), `goals`
