@@ -67,7 +67,7 @@ def _observe(states) -> torch.Tensor:
 class LocomotionTasks(RLTasks):
     """Goals, action noise and start states of half-cheetah tasks, and batched rollouts on gymnasium."""
 
-    obs_dim, act_dim = RL_FAMILIES["locomotion"]
+    act_dim = RL_FAMILIES["locomotion"][1]
     goal_draws = 1
     start_draws = _NQ + 2 * _NV  # uniforms for the position noise, Box-Muller pairs for the velocity's
 

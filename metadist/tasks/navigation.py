@@ -26,7 +26,7 @@ from metadist.tasks.rl import RLTasks, Rollouts, family_settings
 class NavigationTasks(RLTasks):
     """Goals and action noise of 2-D navigation tasks, and the batched environment step."""
 
-    obs_dim, act_dim = RL_FAMILIES["navigation"]
+    act_dim = RL_FAMILIES["navigation"][1]
     goal_draws = 2
 
     def __init__(self, seed: int, goal_range=(-0.5, 0.5), max_action: float = 0.1, horizon: int = 100,

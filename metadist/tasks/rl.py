@@ -61,15 +61,12 @@ class RLBatch:
     def trajectories(self, phase: int) -> int:
         return self.query if phase == self.post_round else self.shots
 
-    def noise(self, phase: int) -> torch.Tensor:
-        """(T, N, H, A) the action noise of sampling round `phase` (0: before adaptation, k: after step k)."""
-        return self.env.noise(self.split, self.step, self.indices, phase, self.trajectories(phase)).to(self.device)
-
     def rollout(self, act, phase: int) -> Rollouts:
-        """Sampling round `phase` with the policy `act(obs, noise)`: its noise and start states."""
-        n = self.trajectories(phase)
-        start = self.env.starts(self.split, self.step, self.indices, phase, n)
-        return self.env.rollout(act, self.goals, self.noise(phase), start)
+        """Sampling round `phase` (0: before adaptation, k: after step k) with the policy
+        `act(obs, noise)`: its action noise and start states. The noise takes the goals' device and dtype
+        (a float64 batch is one whose goals are float64)."""
+        noise, start = self.env.round_draws(self.split, self.step, self.indices, phase, self.trajectories(phase))
+        return self.env.rollout(act, self.goals, noise.to(self.goals), start)
 
     def to(self, device) -> "RLBatch":
         return RLBatch(self.env, self.split, self.step, self.indices, self.goals.to(device), self.shots,
@@ -93,9 +90,8 @@ def box_muller(u: torch.Tensor) -> torch.Tensor:
 
 class RLTasks:
     """Goals, action noise and start states of a reinforcement-learning task family; a subclass gives
-    `obs_dim`, `act_dim`, `goal_draws`, `start_draws`, `make_goals`, `make_starts` and `rollout`."""
+    `act_dim`, `goal_draws`, `start_draws`, `make_goals`, `make_starts` and `rollout`."""
 
-    obs_dim: int
     act_dim: int
     goal_draws: int
     """Uniforms per task for its goal, before any round's."""
@@ -125,26 +121,26 @@ class RLTasks:
         """(T, G) the goals of tasks `indices` of outer step `step` in `split`."""
         return self.make_goals(uniforms(task_seeds(self.seed, split, step, indices), self.goal_draws))
 
-    def _round(self, split: str, step: int, indices, phase: int, trajectories: int) -> torch.Tensor:
-        # (T, draws) the uniforms of sampling round `phase`: the noise's, then the start states'. Rounds
-        # follow the goal's draws in a fixed layout, so no round shares a draw with another or the goal.
-        size = trajectories * (2 * self.horizon * self.act_dim + self.start_draws)
-        begin = self.goal_draws + phase * size
-        return uniforms(task_seeds(self.seed, split, step, indices), begin + size)[:, begin:]
+    def round_draws(self, split: str, step: int, indices, phase: int, trajectories: int) -> tuple:
+        """(noise, starts) of sampling round `phase` of each task (round 0 before adaptation, round k
+        after the k-th gradient step): (T, N, H, A) standard normal action noise, and the trajectories'
+        start states (`make_starts` of their uniforms), or None where every trajectory starts in the same
+        state. Rounds follow the goal's draws in a fixed layout, the noise's draws then the starts'."""
+        noise_draws = 2 * trajectories * self.horizon * self.act_dim
+        size = noise_draws + trajectories * self.start_draws
+        u = uniforms(task_seeds(self.seed, split, step, indices), size, start=self.goal_draws + phase * size)
+        noise = box_muller(u[:, :noise_draws]).float().view(len(u), trajectories, self.horizon, self.act_dim)
+        if not self.start_draws:
+            return noise, None
+        return noise, self.make_starts(u[:, noise_draws:].reshape(len(u), trajectories, self.start_draws))
 
     def noise(self, split: str, step: int, indices, phase: int, trajectories: int) -> torch.Tensor:
-        """(T, N, H, A) standard normal action noise for sampling round `phase` of each task: round 0
-        before adaptation, round k after the k-th gradient step."""
-        u = self._round(split, step, indices, phase, trajectories)[:, :2 * trajectories * self.horizon * self.act_dim]
-        return box_muller(u).float().view(len(u), trajectories, self.horizon, self.act_dim)
+        """(T, N, H, A) the action noise of sampling round `phase` (`round_draws`)."""
+        return self.round_draws(split, step, indices, phase, trajectories)[0]
 
     def starts(self, split: str, step: int, indices, phase: int, trajectories: int):
-        """The start states of round `phase`'s trajectories (`make_starts` of their uniforms), or None
-        where every trajectory starts in the same state."""
-        if not self.start_draws:
-            return None
-        u = self._round(split, step, indices, phase, trajectories)[:, 2 * trajectories * self.horizon * self.act_dim:]
-        return self.make_starts(u.reshape(len(u), trajectories, self.start_draws))
+        """The start states of sampling round `phase` (`round_draws`), or None."""
+        return self.round_draws(split, step, indices, phase, trajectories)[1]
 
     def make_goals(self, u: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

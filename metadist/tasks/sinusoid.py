@@ -62,9 +62,10 @@ def task_seeds(seed: int, split: str, step: int, indices) -> torch.Tensor:
     return _lsr(_mix(_signed(h) ^ idx), 1)
 
 
-def uniforms(seeds: torch.Tensor, n: int) -> torch.Tensor:
-    """(len(seeds), n) float64 uniforms in [0, 1): draw j of task t is splitmix64(seed_t + (j+1)*golden)."""
-    x = _mix(seeds[:, None] + torch.arange(0, n, dtype=torch.int64)[None, :] * _GOLDEN)
+def uniforms(seeds: torch.Tensor, n: int, start: int = 0) -> torch.Tensor:
+    """(len(seeds), n) float64 uniforms in [0, 1), draws start..start+n-1 of each task's stream: draw j of
+    task t is splitmix64(seed_t + (j+1)*golden)."""
+    x = _mix(seeds[:, None] + torch.arange(start, start + n, dtype=torch.int64)[None, :] * _GOLDEN)
     return _lsr(x, 11).double() * (2.0 ** -53)
 
 

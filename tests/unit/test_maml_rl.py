@@ -23,8 +23,7 @@ def _setup(hidden=(32, 32), tasks=4, trajectories=10, double=False):
     batch = env.sample(0, range(tasks), trajectories, trajectories)
     if double:
         model = model.double()
-        batch.goals = batch.goals.double()
-        batch.noise = lambda phase, draw=batch.noise: draw(phase).double()
+        batch.goals = batch.goals.double()  # and so its noise
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     return model, params, batch
 
