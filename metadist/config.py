@@ -199,6 +199,11 @@ class TrainConfig:
     val split, logged as `val_<metric>`); 0 evaluates only at the end, on `eval.split`."""
     warmup_steps: NonNegInt = 20
     """Leading steps left out of the steady-state throughput figure."""
+    select: Literal["last", "best_val"] = "last"
+    """The parameters that the final evaluation, the model file and the plots use: `last`, those at the end
+    of training, or `best_val`, those of the validation (`train.eval_every`) with the best `val_<metric>`
+    (the last one on a tie). The MAML paper's RL protocol evaluates the model with the best return seen
+    during training; `best_val` picks it on val-split tasks, never on the test split."""
 
 
 @dataclass(config=STRICT)
@@ -350,6 +355,9 @@ class Config:
             (self.data.cache == "decoded" and self.data.access == "stream", "data.cache",
              "'decoded' keeps the whole train split decoded, which data.access 'stream' is there to avoid; "
              "allowed with 'stream': 'encoded' (or set data.access: index)"),
+            (self.train.select == "best_val" and not self.train.eval_every, "train.select",
+             "'best_val' picks among the validations, and train.eval_every is 0 (none); set train.eval_every "
+             "or use train.select: last"),
             (self.runtime.executor == "collective" and self.runtime.workers > self.train.meta_batch,
              "runtime.workers", f"{self.runtime.workers} ranks for a meta-batch of {self.train.meta_batch} "
              f"tasks would leave ranks without a task; allowed: 1 to train.meta_batch"),

@@ -74,6 +74,11 @@ def evaluate(model, params: dict, cfg, tasks, *, task_parallel: str, episodes: i
     return report_of(out, spec, split=split, shots=cfg.eval.shots or cfg.task.shots, episodes=episodes)
 
 
+def lower_is_better(metric: str) -> bool:
+    """Whether a report's primary metric improves downwards: MSE does; accuracy and return go up."""
+    return metric == "mse"
+
+
 def report_of(curves: dict[str, torch.Tensor], spec, *, split: str, shots: int, episodes: int) -> dict:
     """The evaluation report of per-episode curves: a row of statistics per number of test-time steps."""
     if "return" in curves:  # reinforcement learning: higher is better, no loss beside it

@@ -33,6 +33,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from metadist import __version__
 from metadist.config import flatten, to_dict
 from metadist.errors import UserError
+from metadist.evaluation import lower_is_better
 from metadist.net import unreachable
 from metadist.store_uri import tracking_uri
 
@@ -241,7 +242,7 @@ class Tracker:
                                                     if isinstance(v, (int, float)) and math.isfinite(v)],
                               tags=[RunTag("metadist.metric", f"{report['metric']} after {final['steps']} "
                                            f"test-time steps on {report['episodes']} {report['split']} tasks "
-                                           f"({'lower' if report['metric'] == 'mse' else 'higher'} is better)")])
+                                           f"({'lower' if lower_is_better(report['metric']) else 'higher'} is better)")])
         self.client.log_table(self.run_id, data={k: [r.get(k) for r in rows] for k in rows[0]},
                               artifact_file="eval_table.json")
         for path in files.values():

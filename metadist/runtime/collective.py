@@ -364,6 +364,7 @@ def fit(trainer, progress: bool = True, callbacks: tuple = ()) -> dict:
     _raise_user_error(run_dir)
     first = trainer.step
     trainer.load_state(load_checkpoint(run_dir / "checkpoint.pt"))
+    trainer.use_selected()  # the parameters rank 0 evaluated, as a local run's trainer holds them
     trainer.history = [r for r in read_history(run_dir) if r["step"] >= first]  # this segment's, as elsewhere
     if tracker is not None and (run_dir / RUN_ID).exists():
         # Rank 0 recorded the run and has finished it; the driver only learns where it is.

@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from metadist.algorithms import init_meta_params, make_spec, trpo
 from metadist.config import Config, dump_config, from_dict, to_dict
-from metadist.evaluation import evaluate, navigation_paths, print_eval, sine_fits
+from metadist.evaluation import evaluate, lower_is_better, navigation_paths, print_eval, sine_fits
 from metadist.models import build_model
 from metadist.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metadist.runtime.errors import TrainingDiverged
@@ -140,6 +140,9 @@ class Trainer:
         self.history: list[dict] = []
         self.last_record: dict | None = None  # the metrics of the last outer step that tracked them
         self.last_validation: dict | None = None
+        # `train.select: best_val`: the step, val metric, parameters and buffers of the best validation so far.
+        self.best: dict | None = None
+        self.selected_step: int | None = None  # the outer steps done when the evaluated parameters were kept
         self.restarts_before = 0  # worker restarts of earlier (resumed-from) segments of this run
         if run_dir is None and cfg.runtime.executor != "local" and cfg.runtime.address:
             from metadist.runtime.cluster import check_reachable  # a cluster that is not there: one error
@@ -291,7 +294,30 @@ class Trainer:
         record.update({f"val_{name}_{r['steps']}": r["mean"] for r in report["rows"]})
         self.log(record)
         self.last_validation = record
+        if self.cfg.train.select == "best_val":
+            self._keep_if_best(record[f"val_{name}"], lower_is_better(name))
         return record
+
+    def _keep_if_best(self, value: float, lower: bool) -> None:
+        if self.best is not None:
+            old = self.best["value"]
+            # A later validation wins a tie; a NaN never wins, and loses to any number.
+            if math.isnan(value) or not (math.isnan(old) or (value <= old if lower else value >= old)):
+                return
+        self.best = {"step": self.step, "value": value,
+                     "params": {k: v.detach().cpu().clone() for k, v in self.params.items()},
+                     "buffers": {k: v.detach().cpu().clone() for k, v in self.model.named_buffers()}}
+
+    def use_selected(self) -> int:
+        """Put the parameters `train.select` names in place (`best_val`: those of the best validation) and
+        return the step they are from (the count of outer steps done when they were kept)."""
+        if self.cfg.train.select != "best_val" or self.best is None:
+            return self.step
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(self.best["params"][k].to(p.device))
+        self.model.load_state_dict({**self.model.state_dict(), **self.best["buffers"]}, strict=False)
+        return self.best["step"]
 
     def save(self) -> Path:
         """Write the checkpoint (atomically) and hand it to the tracker, and to a collective group."""
@@ -365,14 +391,23 @@ class Trainer:
         metrics, files and figures, all computed here."""
         saved = self.saved_state is not None and self.saved_state["step"] == self.step
         checkpoint = self.run_dir / "checkpoint.pt" if saved else self.save()  # once, if the cadence just did
+        # The checkpoint keeps the last state (a resume continues from it); all after it uses the selection.
+        self.selected_step = self.use_selected()
+        if self.cfg.train.select != "last":
+            self.log({"step": self.step - 1, "selected_step": self.selected_step})
+            if self.main:
+                self.console.print(f"evaluating the parameters of the best validation: after {self.selected_step} "
+                                   f"of {self.step} outer steps (train.select={self.cfg.train.select})")
         report = self.evaluate()  # on a collective group every rank adapts its share of the episodes
         if not self.main:
             return {}  # the other ranks of a collective group are done: rank 0 records
         summary = self.summary(report, checkpoint)
         if self.tracker is not None:
             model_path = self.run_dir / "model.pt"
-            state = self.saved_state  # the model file is the checkpoint's config, parameters and buffers
-            torch.save({k: state[k] for k in ("config", "params", "buffers")}, model_path)
+            # The model file: the config with the selected parameters and buffers.
+            torch.save({"config": self.saved_state["config"],
+                        "params": {k: v.detach().cpu() for k, v in self.params.items()},
+                        "buffers": {k: v.cpu() for k, v in self.model.named_buffers()}}, model_path)
             files = {name: self.run_dir / name for name in ("eval.json", "metrics.jsonl")}
             self.tracker.finish(self.step, summary["eval"], files=files, model=model_path,
                                 figures=self.figures(summary["eval"]),
@@ -443,6 +478,7 @@ class Trainer:
             "task_parallel": self.task_parallel,
             "worker_restarts": self.worker_restarts,
             "mlflow_run_id": getattr(self.tracker, "run_id", None),
+            "best": self.best,
         }
 
     def load_state(self, state: dict) -> None:
@@ -458,6 +494,7 @@ class Trainer:
         self.step = state["step"]
         self.task_parallel = self.task_parallel or state.get("task_parallel")
         self.restarts_before = state.get("worker_restarts", 0)
+        self.best = state.get("best")
         self.resume_data = state.get("data_cursor", {}).get("workers")
 
     def report(self, episodes: int | None = None, steps: int | None = None, split: str | None = None) -> dict:
@@ -491,6 +528,7 @@ class Trainer:
             "throughput": {"tasks_per_s": self.clock.rate(), "steps_timed": self.clock.steady_steps,
                            "task_parallel": self.task_parallel},
             "eval": report,
+            "selected_step": self.selected_step,
             "checkpoint": str(checkpoint),
             "run_dir": str(self.run_dir),
             "runtime": info | {"worker_restarts": self.worker_restarts},
@@ -555,7 +593,8 @@ def evaluate_checkpoint(path, episodes=None, steps=None, console: Console | None
     trainer = Trainer(cfg, run_dir=Path(path).parent if Path(path).is_file() else Path(path),
                       console=console)
     trainer.load_state(state)
+    step = trainer.use_selected()
     report = trainer.report(episodes=episodes, steps=steps)
-    print_eval(report, title=f"{cfg.name} (step {trainer.step})", console=trainer.console)
-    return {"config": to_dict(cfg), "metrics": {"step": trainer.step}, "eval": report,
+    print_eval(report, title=f"{cfg.name} (step {step})", console=trainer.console)
+    return {"config": to_dict(cfg), "metrics": {"step": trainer.step}, "selected_step": step, "eval": report,
             "checkpoint": str(path)}

@@ -21,6 +21,7 @@ from pydantic.dataclasses import dataclass
 
 from metadist.config import (STRICT, Config, ConfigError, NonNegInt, PositiveFloat, PositiveInt, field_docs,
                              from_dict, parse_override, read_yaml, set_path, to_dict, to_plain, validate)
+from metadist.evaluation import lower_is_better
 
 KINDS = ("loguniform", "uniform", "choice", "grid")
 
@@ -261,7 +262,7 @@ def plan_sweep(sweep: SweepConfig, sweep_file: Path | None = None) -> SweepPlan:
     if metric not in allowed:
         raise ConfigError(f"metric: {sweep.metric!r} is not reported by this job; allowed: auto, "
                           f"{', '.join(allowed)}")
-    mode = sweep.mode if sweep.mode != "auto" else ("min" if metric_name == "mse" else "max")
+    mode = sweep.mode if sweep.mode != "auto" else ("min" if lower_is_better(metric_name) else "max")
     grace = sweep.scheduler.grace_period or report_every
     if sweep.scheduler.name == "asha" and grace >= cfg.train.steps:
         raise ConfigError(f"scheduler.grace_period: {grace} steps is not below train.steps={cfg.train.steps}; "

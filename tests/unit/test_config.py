@@ -174,6 +174,9 @@ def test_cross_field_checks():
     assert "task.x_range" in config_error(from_dict, {"task": {"x_range": [1.0, 1.0]}})
     ok = from_dict({"task": {"family": "fewshot"}, "model": {"name": "conv4"}})
     assert ok.model.name == "conv4"
+    msg = config_error(from_dict, {"train": {"select": "best_val"}})
+    assert "train.select" in msg and "train.eval_every" in msg and "last" in msg
+    assert from_dict({"train": {"select": "best_val", "eval_every": 5}}).train.select == "best_val"
 
 
 NAV = {"task": {"family": "navigation"}, "model": {"name": "policy"}}

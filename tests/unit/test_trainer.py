@@ -10,7 +10,7 @@ import torch
 
 from metadist.evaluation import summarise
 from metadist.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from metadist.runtime.driver import Trainer, TrainingDiverged, evaluate_checkpoint
+from metadist.runtime.driver import Trainer, TrainingDiverged, evaluate_checkpoint, read_history
 
 
 def _fit(cfg):
@@ -225,3 +225,64 @@ def test_a_replaced_worker_computes_the_same_trpo_products(tmp_path):
     candidate = {k: p + 0.01 for k, p in trainer.params.items()}
     assert torch.equal(new.surrogate(trainer.params, 3, spec, range(1, 3), candidate),
                        old.surrogate(trainer.params, 3, spec, range(1, 3), candidate))
+
+
+def _scripted_validations(monkeypatch, values):
+    """Make each validation report the next of `values` as its last-step val MSE; the final evaluation on
+    the test split stays real."""
+    real, queue = Trainer.report, list(values)
+
+    def report(self, episodes=None, steps=None, split=None):
+        out = real(self, episodes=episodes, steps=steps, split=split)
+        if split == "val":
+            out["rows"][-1]["mean"] = queue.pop(0)
+        return out
+
+    monkeypatch.setattr(Trainer, "report", report)
+
+
+@pytest.mark.parametrize("values, chosen", [
+    ([0.5, 0.2, 0.3, 0.4], 20),  # the lowest MSE
+    ([math.nan, 0.3, math.nan, 0.3], 40),  # a tie goes to the later one; NaN never wins
+    ([math.nan, 0.4, 0.1, math.nan], 30),
+])
+def test_best_validation_is_the_evaluated_model_and_resumes_with_the_run(sine_debug, mlflow_store, monkeypatch,
+                                                                          values, chosen):
+    from metadist.runtime.driver import Callback, Every
+    from metadist.tracking import Tracker
+
+    _scripted_validations(monkeypatch, values)
+    cfg = sine_debug("train.eval_every=10", "train.checkpoint_every=20", "train.select=best_val",
+                     "eval.val_episodes=5", "eval.episodes=20")
+    trainer = Trainer(cfg, tracker=Tracker(cfg))
+    kept = {}
+    trainer.callbacks.append(Callback(Every(10), lambda t: kept.__setitem__(
+        t.step, {k: v.clone() for k, v in t.params.items()})))
+    summary = trainer.fit(progress=False)
+    assert summary["selected_step"] == chosen
+    assert all(torch.equal(trainer.params[k], kept[chosen][k]) for k in kept[chosen])
+    model = torch.load(trainer.run_dir / "model.pt", weights_only=True)
+    assert all(torch.equal(model["params"][k], kept[chosen][k]) for k in kept[chosen])
+    # The checkpoint continues the run from its last state and carries the selection with it.
+    state = load_checkpoint(summary["checkpoint"])
+    assert all(torch.equal(state["params"][k], kept[40][k]) for k in kept[40])
+    assert state["best"]["step"] == chosen
+    again = evaluate_checkpoint(summary["checkpoint"])
+    assert again["selected_step"] == chosen and again["eval"]["rows"] == summary["eval"]["rows"]
+    assert read_history(trainer.run_dir)[-1] == {"step": 39, "selected_step": chosen}
+
+
+def test_best_validation_of_a_resumed_run_is_that_of_an_uninterrupted_one(sine_debug, monkeypatch):
+    values = [0.5, 0.2, 0.3, 0.4]
+    overrides = ("train.eval_every=10", "train.checkpoint_every=20", "train.select=best_val", "eval.val_episodes=5")
+    _scripted_validations(monkeypatch, values * 2)  # the full run's four, then the half's two and the rest's
+    full, summary = _fit(sine_debug(*overrides))
+    half = Trainer(sine_debug(*overrides))
+    half.cfg.train.steps = 20  # a crash after the step-20 checkpoint, which holds the best so far
+    half.fit(progress=False)
+    resumed = Trainer(sine_debug(*overrides))
+    resumed.load_state(load_checkpoint(half.run_dir / "checkpoint.pt"))
+    assert resumed.best["step"] == 20
+    again = resumed.fit(progress=False)
+    assert again["selected_step"] == summary["selected_step"] == 20
+    assert all(torch.equal(full.params[k], resumed.params[k]) for k in full.params)
