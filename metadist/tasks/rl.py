@@ -61,11 +61,17 @@ class RLBatch:
     def trajectories(self, phase: int) -> int:
         return self.query if phase == self.post_round else self.shots
 
+    def draws(self, phase: int) -> tuple:
+        """(noise, starts) of sampling round `phase` (`RLTasks.round_draws`), after the draws of the
+        rounds before it, whatever their sizes."""
+        earlier = sum(self.trajectories(p) for p in range(phase))
+        return self.env.round_draws(self.split, self.step, self.indices, phase, self.trajectories(phase), earlier)
+
     def rollout(self, act, phase: int) -> Rollouts:
         """Sampling round `phase` (0: before adaptation, k: after step k) with the policy
         `act(obs, noise)`: its action noise and start states. The noise takes the goals' device and dtype
         (a float64 batch is one whose goals are float64)."""
-        noise, start = self.env.round_draws(self.split, self.step, self.indices, phase, self.trajectories(phase))
+        noise, start = self.draws(phase)
         return self.env.rollout(act, self.goals, noise.to(self.goals), start)
 
     def to(self, device) -> "RLBatch":
@@ -121,14 +127,19 @@ class RLTasks:
         """(T, G) the goals of tasks `indices` of outer step `step` in `split`."""
         return self.make_goals(uniforms(task_seeds(self.seed, split, step, indices), self.goal_draws))
 
-    def round_draws(self, split: str, step: int, indices, phase: int, trajectories: int) -> tuple:
+    def round_draws(self, split: str, step: int, indices, phase: int, trajectories: int,
+                    earlier: int | None = None) -> tuple:
         """(noise, starts) of sampling round `phase` of each task (round 0 before adaptation, round k
         after the k-th gradient step): (T, N, H, A) standard normal action noise, and the trajectories'
         start states (`make_starts` of their uniforms), or None where every trajectory starts in the same
-        state. Rounds follow the goal's draws in a fixed layout, the noise's draws then the starts'."""
+        state. Rounds follow the goal's draws one after the other, each the noise's draws then the
+        starts'; `earlier` is the trajectory count of all rounds before this one (default: `phase` rounds
+        of `trajectories`)."""
+        per_trajectory = 2 * self.horizon * self.act_dim + self.start_draws
         noise_draws = 2 * trajectories * self.horizon * self.act_dim
-        size = noise_draws + trajectories * self.start_draws
-        u = uniforms(task_seeds(self.seed, split, step, indices), size, start=self.goal_draws + phase * size)
+        earlier = phase * trajectories if earlier is None else earlier
+        u = uniforms(task_seeds(self.seed, split, step, indices), trajectories * per_trajectory,
+                     start=self.goal_draws + earlier * per_trajectory)
         noise = box_muller(u[:, :noise_draws]).float().view(len(u), trajectories, self.horizon, self.act_dim)
         if not self.start_draws:
             return noise, None

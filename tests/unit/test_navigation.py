@@ -38,6 +38,24 @@ def test_action_noise_is_standard_normal_per_task_and_round(nav):
     assert abs(corr.item()) < 0.05
 
 
+@pytest.mark.parametrize("shots, query", [(20, 20), (20, 10), (10, 20)])
+def test_sampling_rounds_of_different_sizes_take_consecutive_draws(nav, shots, query, monkeypatch):
+    from metadist.tasks import rl
+
+    batch = rl.RLBatch(nav, "train", 3, range(2), nav.goals("train", 3, range(2)), shots, query, post_round=2)
+    spans, real = [], rl.uniforms
+    monkeypatch.setattr(rl, "uniforms", lambda seeds, n, start=0: spans.append((start, n)) or real(seeds, n, start))
+    rounds = [batch.draws(p)[0] for p in range(3)]  # two rounds of `shots`, then `query` after step 2
+    assert [r.shape[1] for r in rounds] == [shots, shots, query]
+    # Each round's uniforms start where the previous round's end: none re-uses another's (a round of 10
+    # after two of 20 used to start at draw 2 x 10 rounds' worth, inside the second round of 20).
+    assert [start for start, _ in spans] == [nav.goal_draws, nav.goal_draws + spans[0][1],
+                                             nav.goal_draws + spans[0][1] + spans[1][1]]
+    assert [n for _, n in spans] == [2 * k * nav.horizon * 2 for k in (shots, shots, query)]
+    if shots == query:  # equal rounds keep the layout of `noise`, the same draws as before
+        assert all(torch.equal(rounds[p], nav.noise("train", 3, range(2), p, shots)) for p in range(3))
+
+
 def test_a_move_is_clipped_and_rewarded_minus_the_distance_after_it(nav):
     pos, reward, reached = nav.step(torch.zeros(1, 2), torch.tensor([[0.5, -0.05]]), torch.tensor([[0.3, 0.0]]))
     assert torch.allclose(pos, torch.tensor([[0.1, -0.05]]))
