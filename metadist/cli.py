@@ -194,11 +194,14 @@ def submit(job: Path = typer.Argument(..., help="Job or sweep YAML, e.g. jobs/si
 def eval_(checkpoint: Path = typer.Argument(..., help="checkpoint.pt or its run folder."),
           episodes: Optional[int] = typer.Option(None, min=1, help="Test tasks (default: eval.episodes)."),
           steps: Optional[int] = typer.Option(None, min=0, help="Test-time steps (default: eval.steps)."),
+          set_: Optional[List[str]] = typer.Option(
+              None, "--set", help="Change an eval.* key of the run's config for this evaluation: --set eval.lr=0.02, "
+                                  "--set eval.split=val (repeatable)."),
           summary_json: Optional[Path] = SummaryOpt):
     """Evaluate a checkpoint on its config's fixed test tasks."""
     from metadist.runtime.driver import evaluate_checkpoint
 
-    summary = evaluate_checkpoint(checkpoint, episodes=episodes, steps=steps, console=err)
+    summary = evaluate_checkpoint(checkpoint, episodes=episodes, steps=steps, console=err, overrides=set_ or [])
     _write_summary(summary, summary_json)
 
 

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
     TimeRemainingColumn
 
 from metadist.algorithms import init_meta_params, make_spec, trpo
-from metadist.config import Config, dump_config, from_dict, to_dict
+from metadist.config import Config, ConfigError, dump_config, from_dict, parse_override, to_dict
 from metadist.evaluation import evaluate, lower_is_better, navigation_paths, print_eval, sine_fits
 from metadist.models import build_model
 from metadist.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -586,10 +586,17 @@ def drop_records_after(log: Path, step: int) -> None:
             log.write_text("".join(line + "\n" for line in kept))
 
 
-def evaluate_checkpoint(path, episodes=None, steps=None, console: Console | None = None) -> dict:
-    """Load a checkpoint and evaluate it on its config's fixed tasks; the run it came from is left as it is."""
+def evaluate_checkpoint(path, episodes=None, steps=None, console: Console | None = None,
+                        overrides: list[str] = ()) -> dict:
+    """Load a checkpoint and evaluate it on its config's fixed tasks, with `overrides` of `eval.*` keys
+    (a test-time learning rate tuned for a baseline, the val split); the run it came from is left as it is."""
     state = load_checkpoint(path)
-    cfg = from_dict(state["config"])
+    for text in overrides:
+        key = parse_override(text)[0]
+        if not key.startswith("eval."):
+            raise ConfigError(f"{key}: only eval.* keys can change for an evaluation of a trained checkpoint "
+                              f"(the rest is what the run trained with)")
+    cfg = from_dict(state["config"], overrides)
     trainer = Trainer(cfg, run_dir=Path(path).parent if Path(path).is_file() else Path(path),
                       console=console)
     trainer.load_state(state)

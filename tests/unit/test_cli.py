@@ -36,6 +36,15 @@ def test_train_then_eval_write_summaries(tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads(ev.read_text())["eval"]
     assert report["episodes"] == 10 and len(report["rows"]) == 2
+    # eval.* keys can change for an evaluation (a baseline's tuned test-time rate, the val split); no other.
+    res = runner.invoke(app, ["eval", summary["checkpoint"], "--episodes", "10", "--steps", "1", "--set",
+                              "eval.lr=0.002", "--set", "eval.split=val", "--summary-json", str(ev)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(ev.read_text())["eval"]
+    assert report["lr"] == 0.002 and report["split"] == "val"
+    res = runner.invoke(app, ["eval", summary["checkpoint"], "--set", "inner.lr=0.5"])
+    assert res.exit_code == 2 and "inner.lr: only eval.* keys can change" in res.output
+    assert len(res.output.strip().splitlines()) == 1
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, monkeypatch):
