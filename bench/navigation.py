@@ -3,13 +3,14 @@ and the random baseline (each MAML run's own initial policy, fine-tuned the same
 figures of the authors' result files.
 
 Each run folder is one `metadist train jobs/rl/{maml,pretrain}-navigation.yaml` run; its `eval.json`
-holds its test evaluation. The random row of a seed is the evaluation of that run's initial policy
+holds its test evaluation. In place of a folder, a summary of `metadist eval <run> --summary-json F`
+(a checkpoint scored at another test-time rate, say) gives that evaluation. The random row of a seed is the evaluation of that run's initial policy
 (`eval_initial.json` when the run was recorded, else computed here from its config: the same seed
 gives the same initial parameters). Prints a markdown table (mean ± 95% CI over the test goals, per
 seed, and the median over seeds) and writes the adaptation curves, with CI bands, to `--out`.
 
     python bench/navigation.py --maml runs/maml-navigation-A runs/maml-navigation-B \
-        --pretrained runs/pretrain-navigation-C [--out navigation.png]
+        --pretrained runs/pretrain-navigation-C pretrain-D-eval.json [--out navigation.png]
 """
 
 from __future__ import annotations
@@ -44,6 +45,17 @@ def rows(report: dict) -> list[tuple[float, float]]:
     return [(r["mean"], r["ci95"]) for r in report["rows"]]
 
 
+def load(path: Path) -> tuple[str, dict]:
+    """A row's label (seed and test-time rate) and its evaluation report, from a run folder or a summary."""
+    if path.is_dir():
+        seed = from_dict(read_yaml(path / "config.yaml", "run config")).seed
+        report = json.loads((path / "eval.json").read_text())
+    else:
+        summary = json.loads(path.read_text())
+        seed, report = summary["config"]["seed"], summary["eval"]
+    return f"seed {seed}, rate {report['lr']:g}", report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--maml", nargs="+", type=Path, required=True, help="MAML run folders, one per seed")
@@ -51,18 +63,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("navigation.png"), help="the figure's PNG file")
     args = parser.parse_args()
     for run in [*args.maml, *args.pretrained]:
+        if run.is_file():
+            if run.suffix != ".json":
+                parser.error(f"{run} is neither a run folder nor a summary JSON of metadist eval")
+            continue
         missing = [f for f in ("config.yaml", "eval.json") if not (run / f).is_file()]
         if missing:
             parser.error(f"{run} is not a finished run folder: it has no {' or '.join(missing)}")
 
     results: dict[str, list[tuple[str, list[tuple[float, float]]]]] = {"MAML": [], "pretrained": [], "random": []}
     for run in args.maml:
-        seed = from_dict(read_yaml(run / "config.yaml", "run config")).seed
-        results["MAML"].append((f"seed {seed}", rows(json.loads((run / "eval.json").read_text()))))
-        results["random"].append((f"seed {seed}", rows(initial_report(run))))
+        label, report = load(run)
+        results["MAML"].append((label, rows(report)))
+        if run.is_dir():  # the random row: this run's initial policy
+            initial = initial_report(run)
+            results["random"].append((label.split(",")[0] + f", rate {initial['lr']:g}", rows(initial)))
     for run in args.pretrained:
-        seed = from_dict(read_yaml(run / "config.yaml", "run config")).seed
-        results["pretrained"].append((f"seed {seed}", rows(json.loads((run / "eval.json").read_text()))))
+        label, report = load(run)
+        results["pretrained"].append((label, rows(report)))
 
     print("| policy | run | after 0 | after 1 | after 2 | after 3 |")
     print("|---|---|---|---|---|---|")
