@@ -55,6 +55,12 @@ class ConvertFormat(str, Enum):
     pickle_cache = "pickle-cache"
     folders = "folders"
     torchmeta_hdf5 = "torchmeta-hdf5"
+    omniglot = "omniglot"
+
+
+class OmniglotSplit(str, Enum):  # metadist.data.omniglot.SPLIT_POLICIES
+    maml = "maml"
+    vinyals = "vinyals"
 
 
 class ResizeFilter(str, Enum):
@@ -244,16 +250,18 @@ def data_synth(out: Path = typer.Argument(..., help="Directory to write the shar
 @data_app.command("convert")
 def data_convert(src: Path = typer.Argument(..., help="The files you have (see --format)."),
                  out: Path = typer.Argument(..., help="Directory to write the shards and manifest into."),
-                 format_: ConvertFormat = typer.Option(..., "--format", help="ravi-csv, pickle-cache, folders or torchmeta-hdf5."),
-                 size: int = typer.Option(84, min=8, help="Image side in pixels after resizing."),
-                 filter_: ResizeFilter = typer.Option(ResizeFilter.bilinear, "--filter", help="Resize filter: nearest, bilinear, bicubic, lanczos, box."),
+                 format_: ConvertFormat = typer.Option(..., "--format", help="ravi-csv, pickle-cache, folders, torchmeta-hdf5 or omniglot."),
+                 size: Optional[int] = typer.Option(None, min=8, help="Image side in pixels after resizing (default: 84; omniglot 28)."),
+                 filter_: Optional[ResizeFilter] = typer.Option(None, "--filter", help="Resize filter: nearest, bilinear, bicubic, lanczos, box (default: bilinear; omniglot lanczos, the MAML reference code's)."),
                  grayscale: bool = typer.Option(False, help="Store single-channel images."),
                  on_wrong_size: WrongSize = typer.Option(WrongSize.resize, help="Images not size×size: 'resize' or 'error' (skip and count)."),
                  min_per_class: int = typer.Option(20, help="Report classes with fewer images than this."),
                  shard_mb: float = ShardMbOpt,
                  workers: int = typer.Option(1, min=1, help="Encoding processes."),
-                 seed: int = typer.Option(0, help="Seed of the sample order within each split.")):
-    """Convert mini-ImageNet-style files into WebDataset shards with a Parquet manifest."""
+                 seed: int = typer.Option(0, help="Seed of the sample order within each split."),
+                 split: OmniglotSplit = typer.Option(OmniglotSplit.maml, help="omniglot: 'maml' (1,100 / 100 / 423 shuffled characters, the MAML reference code's) or 'vinyals' (background alphabets train, evaluation test)."),
+                 split_seed: int = typer.Option(1, help="omniglot: seed of the character shuffle (1: the MAML reference code's).")):
+    """Convert mini-ImageNet-style or Omniglot files into WebDataset shards with a Parquet manifest."""
     from rich.progress import Progress
 
     from metadist.data.convert import ImageOptions, convert
@@ -261,10 +269,13 @@ def data_convert(src: Path = typer.Argument(..., help="The files you have (see -
     from metadist.data.writer import check_counts
 
     with Progress(console=err) as progress:
+        omniglot = format_ is ConvertFormat.omniglot
+        size = size or (28 if omniglot else 84)
+        filter_name = filter_.value if filter_ else ("lanczos" if omniglot else "bilinear")
         reports = convert(format_.value, src, out,
-                          opts=ImageOptions(size, filter_.value, grayscale, on_wrong_size.value),
+                          opts=ImageOptions(size, filter_name, grayscale, on_wrong_size.value),
                           shard_bytes=shard_mb * 1e6, workers=workers, seed=seed, progress=progress,
-                          log=lambda m: err.print(m, highlight=False))
+                          log=lambda m: err.print(m, highlight=False), split=split.value, split_seed=split_seed)
     for line in check_counts(reports, min_per_class):
         err.print(f"[yellow]note:[/] {line}", highlight=False)
     _print_counts(Manifest(out))

@@ -10,6 +10,9 @@ Formats (docs/reference.md, "File formats"):
   per class under each split (Omniglot once its characters are arranged so).
 - `torchmeta-hdf5`: `{split}_data.hdf5` (group `datasets`, one uint8 array per class) plus
   `{split}_labels.json`; needs h5py (the `hdf5` extra).
+- `omniglot`: the Omniglot release as folders or its two zip files, or torchvision's `omniglot-py/`
+  (`metadist.data.omniglot`: layouts and split policies). Stored grayscale and inverted: strokes 255
+  on 0, as the MAML reference code feeds them to its network (it computes 1 - pixel / 255).
 
 Every image is resized to `size` × `size` with the named filter when it is not already that size (or,
 with `on_wrong_size="error"`, counted as an error), optionally made grayscale, and stored as JPEG (or PNG
@@ -23,18 +26,19 @@ import csv
 import io
 import json
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from metadist.data.format import SHARD_BYTES, DataError
+from metadist.data.omniglot import SIZES, ZipMember, read_omniglot
 from metadist.data.writer import SplitReport, index_shards, write_split
 from metadist.config import SPLITS
 
-FORMATS = ("ravi-csv", "pickle-cache", "folders", "torchmeta-hdf5")
+FORMATS = ("ravi-csv", "pickle-cache", "folders", "torchmeta-hdf5", "omniglot")
 FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
            "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
            "box": Image.Resampling.BOX}
@@ -47,24 +51,33 @@ class ImageOptions:
     filter: str = "bilinear"
     grayscale: bool = False
     on_wrong_size: str = "resize"  # or "error": count the image as unusable
+    invert: bool = False  # 255 - pixel after the resize: dark strokes on white stored as white on black
 
 
 def encode_image(source, opts: ImageOptions) -> tuple[bytes, str]:
     """A file path or an (H, W[, C]) uint8 array -> (stored bytes, extension); DataError if unusable."""
     try:
-        if isinstance(source, (str, Path)):
+        if isinstance(source, ZipMember):
+            with Image.open(io.BytesIO(source.read())) as img:
+                fmt = (img.format or "JPEG").upper()
+                img.load()
+        elif isinstance(source, (str, Path)):
             with Image.open(source) as img:
                 fmt = (img.format or "JPEG").upper()
                 img.load()
         else:
             img, fmt = Image.fromarray(np.asarray(source, dtype=np.uint8)), "JPEG"
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, KeyError) as err:
         raise DataError(f"unreadable image ({type(err).__name__}: {str(err)[:120]})") from None
+    if img.mode == "1":  # Pillow resizes one-bit images with `nearest` whatever the filter asked for
+        img = img.convert("L")
     if img.size != (opts.size, opts.size):
         if opts.on_wrong_size == "error":
             raise DataError(f"image is {img.size[0]}x{img.size[1]}, not {opts.size}x{opts.size}")
         img = img.resize((opts.size, opts.size), FILTERS[opts.filter])
     img = img.convert("L" if opts.grayscale else "RGB")
+    if opts.invert:
+        img = ImageOps.invert(img)
     buf = io.BytesIO()
     if fmt == "PNG":
         img.save(buf, format="PNG")
@@ -183,12 +196,15 @@ def read_torchmeta_hdf5(src: Path) -> dict[str, list]:
 
 
 READERS = {"ravi-csv": read_ravi_csv, "pickle-cache": read_pickle_cache, "folders": read_folders,
-           "torchmeta-hdf5": read_torchmeta_hdf5}
+           "torchmeta-hdf5": read_torchmeta_hdf5, "omniglot": read_omniglot}
 
 
 def convert(fmt: str, src: Path, out: Path, *, opts: ImageOptions = ImageOptions(), shard_bytes: float = SHARD_BYTES,
-            workers: int = 1, seed: int = 0, progress=None, log=print) -> list[SplitReport]:
-    """Read `src` in format `fmt`, write shards and the manifest to `out`; returns per-split reports."""
+            workers: int = 1, seed: int = 0, progress=None, log=print, split: str = "maml",
+            split_seed: int = 1, split_sizes: tuple[int, int] = SIZES) -> list[SplitReport]:
+    """Read `src` in format `fmt`, write shards and the manifest to `out`; returns per-split reports.
+    `split`, `split_seed` and `split_sizes` are the omniglot format's split policy (`metadist.data.omniglot`;
+    the sizes are the reference code's 1,100 and 100 characters, smaller only for a small fixture)."""
     if fmt not in READERS:
         raise DataError(f"--format {fmt!r}: allowed: {', '.join(FORMATS)}")
     if opts.filter not in FILTERS:
@@ -198,9 +214,14 @@ def convert(fmt: str, src: Path, out: Path, *, opts: ImageOptions = ImageOptions
         raise DataError(f"{src} does not exist")
     if (out / "manifest.parquet").exists():
         raise DataError(f"{out} already holds a dataset (manifest.parquet); choose an empty directory")
-    splits = READERS[fmt](src, log=log) if fmt == "pickle-cache" else READERS[fmt](src)
+    source = {"format": fmt}
+    if fmt == "omniglot":
+        splits, source = read_omniglot(src, split=split, seed=split_seed, sizes=split_sizes, log=log)
+        opts = replace(opts, grayscale=True, invert=True)
+    else:
+        splits = READERS[fmt](src, log=log) if fmt == "pickle-cache" else READERS[fmt](src)
     encode = partial(encode_image, opts=opts)
-    reports = [write_split(out, split, items, encode, seed=seed, shard_bytes=shard_bytes, workers=workers,
-                           progress=progress) for split, items in splits.items()]
-    index_shards(out, opts.size, 1 if opts.grayscale else 3)
+    reports = [write_split(out, name, items, encode, seed=seed, shard_bytes=shard_bytes, workers=workers,
+                           progress=progress) for name, items in splits.items()]
+    index_shards(out, opts.size, 1 if opts.grayscale else 3, source=source)
     return reports

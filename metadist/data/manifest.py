@@ -8,6 +8,7 @@ read whole on first use and kept in the process's memory.
 from __future__ import annotations
 
 import hashlib
+import json
 import mmap
 import os
 from collections import OrderedDict
@@ -40,6 +41,8 @@ class Manifest:
             raise DataError(f"{self.root}/manifest.parquet: not a metadist manifest of format {FORMAT_VERSION}")
         self.image_size = int(meta[b"image_size"])
         self.channels = int(meta[b"channels"])
+        # Where the data came from (the converter's format and, for Omniglot, its split policy and sizes).
+        self.source = json.loads(meta.get(b"source", b"{}"))
         self.samples = {k: np.asarray(table.column(k).to_pylist()) for k in table.column_names}
         self.shards = {k: shards.column(k).to_pylist() for k in shards.column_names}
         self.fs, self._path = fsspec.core.url_to_fs(self.root)

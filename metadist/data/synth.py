@@ -115,5 +115,5 @@ def synth_dataset(out: Path, *, per_class: int = 600, size: int = 84, seed: int 
         its = items(seed, split, per_class, size, (classes or {}).get(split))
         reports.append(write_split(Path(out), split, its, enc, seed=seed, shard_bytes=shard_bytes,
                                    workers=workers, progress=progress))
-    index_shards(Path(out), size, channels)
+    index_shards(Path(out), size, channels, source={"format": "synth", "seed": seed})
     return reports

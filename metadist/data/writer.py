@@ -93,8 +93,9 @@ def _tar_bytes(data: bytes) -> int:
     return 1536 + -(-len(data) // 512) * 512
 
 
-def index_shards(out: Path, image_size: int, channels: int) -> tuple[Path, Path]:
-    """Read every shard back and write `manifest.parquet` (a row per sample) and `shards.parquet`."""
+def index_shards(out: Path, image_size: int, channels: int, source: dict | None = None) -> tuple[Path, Path]:
+    """Read every shard back and write `manifest.parquet` (a row per sample) and `shards.parquet`;
+    `source` (where the data came from: format, split policy) is kept in the manifest's metadata."""
     rows = {k: [] for k in ("split", "class_id", "class_name", "shard", "key", "ext", "offset", "size")}
     shard_rows = {k: [] for k in ("shard", "split", "bytes", "samples", "sha256")}
     for shard in sorted(out.glob("*.tar")):
@@ -120,7 +121,7 @@ def index_shards(out: Path, image_size: int, channels: int) -> tuple[Path, Path]
         for k, v in zip(shard_rows, (shard.name, split, shard.stat().st_size, len(members), digest)):
             shard_rows[k].append(v)
     meta = {b"metadist_format": str(FORMAT_VERSION).encode(), b"image_size": str(image_size).encode(),
-            b"channels": str(channels).encode()}
+            b"channels": str(channels).encode(), b"source": json.dumps(source or {}).encode()}
     table = pa.table(rows).replace_schema_metadata(meta)
     pq.write_table(table, out / "manifest.parquet")
     pq.write_table(pa.table(shard_rows).replace_schema_metadata(meta), out / "shards.parquet")

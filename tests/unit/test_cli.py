@@ -122,9 +122,10 @@ def test_option_ranges_and_choices_are_usage_errors_naming_option_and_allowed_va
 
 def test_cli_convert_choices_are_the_librarys():
     from metadist import cli
-    from metadist.data import convert
+    from metadist.data import convert, omniglot
 
     assert [c.value for c in cli.ConvertFormat] == list(convert.FORMATS)
+    assert [c.value for c in cli.OmniglotSplit] == list(omniglot.SPLIT_POLICIES)
     assert [c.value for c in cli.ResizeFilter] == list(convert.FILTERS)
 
 
