@@ -104,6 +104,10 @@ class ModelConfig:
     """Conv-4 input channels (3 for RGB, 1 for grayscale)."""
     image_size: Annotated[int, Field(ge=16)] = 84
     """Conv-4 input height and width in pixels."""
+    downsample: Literal["pool", "stride"] = "pool"
+    """How Conv-4's blocks halve the resolution: `pool` (2x2 max-pooling after each block, the MAML
+    paper's mini-ImageNet network) or `stride` (stride-2 convolutions and no pooling, its Omniglot
+    network)."""
     bn: Literal["transductive", "per_step"] = "transductive"
     """BatchNorm statistics. `transductive`: batch statistics always, in training and at test, as in the
     MAML paper (a test episode's query batch is normalised with its own statistics). `per_step`: running

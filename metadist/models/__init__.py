@@ -25,7 +25,7 @@ def _conv4(cfg) -> Conv4:
     # Running statistics are kept for every step a forward can be made at: training steps and test steps.
     bn_steps = max(cfg.inner.steps, cfg.eval.steps) + 1
     return Conv4(ways=cfg.task.ways, channels=m.channels, filters=m.filters, image_size=m.image_size,
-                 bn_steps=bn_steps)
+                 bn_steps=bn_steps, downsample=m.downsample)
 
 
 def _policy(cfg) -> GaussianPolicy:

@@ -1,4 +1,6 @@
 """Conv-4 of the MAML paper: four [3x3 conv, BatchNorm, ReLU, 2x2 max-pool] blocks and a linear head.
+With `downsample="stride"` (the paper's Omniglot network) each block's convolution has stride 2 and
+there is no pooling: [3x3 conv stride 2, BatchNorm, ReLU], 28 px -> 14 -> 7 -> 4 -> 2.
 
 BatchNorm is functional and explicit about which statistics it normalises with:
 - `bn="batch"`: the statistics of the batch being passed (one task's support or query set). This is
@@ -70,14 +72,19 @@ class Conv4(nn.Module):
     """Conv-4 with a linear head over the flattened features."""
 
     def __init__(self, ways: int = 5, channels: int = 3, filters: int = 32, image_size: int = 84,
-                 bn_steps: int = 11):
+                 bn_steps: int = 11, downsample: str = "pool"):
         super().__init__()
+        if downsample not in ("pool", "stride"):
+            raise ValueError(f"downsample {downsample!r}: allowed: pool, stride")
+        self.pool = downsample == "pool"
+        stride = 1 if self.pool else 2
         convs, norms = [], []
         size, width = image_size, channels
         for _ in range(4):
-            convs.append(nn.Conv2d(width, filters, 3, padding=1))
+            convs.append(nn.Conv2d(width, filters, 3, stride=stride, padding=1))
             norms.append(MetaBatchNorm2d(filters, bn_steps))
-            width, size = filters, size // 2
+            # A 2x2 max-pool floors the size; a 3x3 convolution of stride 2 and padding 1 rounds it up.
+            width, size = filters, size // 2 if self.pool else (size + 1) // 2
         if size < 1:
             raise ValueError(f"image_size {image_size} is too small for four 2x2 max-pools")
         self.body = nn.ModuleDict({"conv": nn.ModuleList(convs), "norm": nn.ModuleList(norms)})
@@ -102,7 +109,8 @@ class Conv4(nn.Module):
             # relu(max_pool(x)) is max_pool(relu(x)) exactly (max commutes with a monotone map, and both
             # orders route gradients through the same window elements), on a quarter of the elements.
             # In place on the plain path: max-pool's backward keeps its input and indices, not its output.
-            x = F.relu(F.max_pool2d(x, 2), inplace=_outside_func_transforms(x))
+            x = F.max_pool2d(x, 2) if self.pool else x
+            x = F.relu(x, inplace=_outside_func_transforms(x))
         x = x.flatten(1)
         return (x, collected) if stats else x
 

@@ -507,6 +507,26 @@ def test_conv4_maml_second_order_matches_reference(steps, mode):
     assert 0 <= metrics["acc_after"].item() <= 2 and "bn_mean" not in metrics
 
 
+@pytest.mark.parametrize("bn", ["transductive", "per_step"])
+@pytest.mark.parametrize("name", ["maml", "fomaml", "anil", "metasgd", "reptile", "pretrain"])
+def test_conv4_with_stride_2_serves_every_algorithm_in_both_task_modes(name, bn):
+    # The paper's Omniglot network (`model.downsample: stride`): no pooling, the convolutions halve.
+    grads = {}
+    for mode in ("vmap", "loop"):
+        cfg = conv_cfg("model.downsample=stride", f"model.bn={bn}", f"algorithm.name={name}", "inner.steps=2",
+                       f"algorithm.task_parallel={mode}")
+        model, batch = tiny_conv(cfg), image_batch(tasks=2)
+        assert model.feature_dim == 4 and not any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
+        params = meta_params(model, cfg)
+        grads[mode], metrics = ALGORITHMS[name](model, params, batch, make_spec(cfg))
+        assert all(torch.isfinite(g).all() for g in grads[mode].values())
+        assert ("bn_mean" in metrics) == (bn == "per_step")  # per-step statistics, collected whatever the algorithm
+    assert_grads_close(grads["vmap"], grads["loop"], **TIGHT)
+    if name == "maml":
+        expected = reference_grads(model, params, batch, steps=2, lr=0.1, loss="ce")
+        assert_grads_close(grads["vmap"], expected, rtol=1e-8, atol=1e-10)
+
+
 def test_conv4_per_step_training_returns_batch_statistics():
     steps = 2
     trans_cfg = conv_cfg(f"inner.steps={steps}")

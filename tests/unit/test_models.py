@@ -80,6 +80,27 @@ def test_conv4_shapes_and_names():
         Conv4(image_size=8)
 
 
+def test_conv4_with_stride_2_is_the_papers_omniglot_network():
+    m = conv(filters=3, image_size=28, downsample="stride")
+    assert m.feature_dim == 3 * 2 * 2  # 28 -> 14 -> 7 -> 4 -> 2, as TensorFlow's SAME stride-2 convolutions
+    assert all(c.stride == (2, 2) for c in m.body["conv"])
+    x, p = images(size=28), dict(m.named_parameters())
+    h = x
+    for i in range(4):  # conv stride 2, BatchNorm with the batch's statistics, ReLU; no pooling
+        h = F.conv2d(h, p[f"body.conv.{i}.weight"], p[f"body.conv.{i}.bias"], stride=2, padding=1)
+        h = F.batch_norm(h, None, None, p[f"body.norm.{i}.weight"], p[f"body.norm.{i}.bias"], training=True)
+        h = torch.relu(h)
+    torch.testing.assert_close(m(x), F.linear(h.flatten(1), p["head.weight"], p["head.bias"]))
+    xs = images(n=12, size=28).view(2, 6, 1, 28, 28)
+    batched = torch.func.vmap(lambda b: functional_call(m, p, (b,)))(xs)
+    torch.testing.assert_close(batched, torch.stack([m(xs[0]), m(xs[1])]))
+    cfg = from_dict({"task": {"family": "fewshot", "ways": 5}, "model": {"name": "conv4", "filters": 64,
+                     "channels": 1, "image_size": 28, "downsample": "stride"}})
+    assert build_model(cfg).feature_dim == 256
+    with pytest.raises(ValueError, match="allowed: pool, stride"):
+        Conv4(downsample="avg")
+
+
 def test_conv4_parts_compose():
     m, x = conv(), images()
     feats = m(x, part="body")
