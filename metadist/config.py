@@ -54,6 +54,10 @@ class TaskConfig:
     query: PositiveInt = 10
     """Query examples per class (fewshot), query points per task (sinusoid), or trajectories per task
     sampled after the inner step (navigation, locomotion) in training."""
+    rotations: tuple[Literal[0, 90, 180, 270], ...] = (0,)
+    """Fewshot: the rotations (degrees) a class of an episode may be turned by, one drawn per class per
+    episode for all its images (Omniglot's augmentation: [0, 90, 180, 270], so a rotated character is a
+    new class). The default, [0], turns nothing."""
     amplitude: tuple[float, float] = (0.1, 5.0)
     """Sinusoid amplitude range A ~ U[lo, hi]."""
     phase: tuple[float, float] = (0.0, 3.141592653589793)
@@ -349,6 +353,9 @@ class Config:
              f"task.family {self.task.family!r}: adam, sgd"),
             (self.eval.later_lr_scale != 1.0 and not rl, "eval.later_lr_scale",
              "is for reinforcement learning only; allowed for this task family: 1.0"),
+            (not self.task.rotations, "task.rotations", "needs at least one of 0, 90, 180, 270"),
+            (self.task.rotations != (0,) and self.task.family != "fewshot", "task.rotations",
+             f"turns fewshot images; allowed for task.family {self.task.family!r}: [0]"),
             (self.task.amplitude[0] > self.task.amplitude[1], "task.amplitude", "needs lo <= hi"),
             (self.task.x_range[0] >= self.task.x_range[1], "task.x_range", "needs lo < hi"),
             (self.task.goal_range is not None and self.task.goal_range[0] >= self.task.goal_range[1],

@@ -25,6 +25,13 @@ little but the decode itself is left in Python's hands.
 
 Evaluation (`fixed_episodes`): a fixed list drawn by index from (seed, split), so every run and algorithm
 is scored on the same episodes.
+
+Rotations (`task.rotations`, Omniglot's augmentation): each class of each episode, training and
+evaluation alike, is turned by a multiple of 90 degrees drawn from the allowed ones, the same for all
+its images, as the MAML reference code does. A rotated character so acts as a new class, two rotations
+of one character never meet in an episode (its classes are drawn without replacement), and rotations
+stay within their split. The turn is drawn after the episode's images, from the same generator, so with
+one allowed rotation the draws are those of a run without the option.
 """
 
 from __future__ import annotations
@@ -72,6 +79,26 @@ def _episodes(pixels: np.ndarray, tasks: int, ways: int, need: int, shots: int) 
     labels = torch.arange(ways)
     return Episode(part(t[:, :, :shots], shots), labels.repeat_interleave(shots).repeat(tasks, 1),
                    part(t[:, :, shots:], need - shots), labels.repeat_interleave(need - shots).repeat(tasks, 1))
+
+
+def rotate(pixels: np.ndarray, quarters: np.ndarray, ways: int, need: int) -> np.ndarray:
+    """Turn each class of each episode by its own multiple of 90 degrees (counter-clockwise):
+    `pixels` (tasks·ways·need, C, H, W) in (task, class, image) order, `quarters` (tasks, ways)."""
+    if not quarters.any():
+        return pixels
+    blocks = pixels.reshape(len(quarters), ways, need, *pixels.shape[1:])
+    out = np.empty_like(blocks)
+    for t, w in np.ndindex(*quarters.shape):
+        out[t, w] = np.rot90(blocks[t, w], int(quarters[t, w]), axes=(-2, -1))
+    return out.reshape(pixels.shape)
+
+
+def draw_quarters(rng: np.random.Generator, rotations: tuple[int, ...], ways: int) -> np.ndarray:
+    """(ways,) quarter turns, one per class of an episode, drawn uniformly from `rotations` (degrees);
+    nothing is drawn when there is no choice, so those episodes keep their draws as before."""
+    if len(rotations) == 1:
+        return np.full(ways, rotations[0] // 90, dtype=np.int64)
+    return np.asarray(rotations, dtype=np.int64)[rng.integers(0, len(rotations), ways)] // 90
 
 
 def draw_rows(rng: np.random.Generator, classes: dict[int, np.ndarray], eligible: np.ndarray, ways: int,
@@ -124,8 +151,9 @@ class IndexEpisodes:
     """Episodes of `split` drawn by tar offset: each a pure function of its seed words."""
 
     def __init__(self, manifest: Manifest, split: str, *, ways: int, channels: int, size: int, seed: int,
-                 cache: str = "encoded"):
+                 cache: str = "encoded", rotations: tuple[int, ...] = (0,)):
         self.manifest, self.split, self.ways, self.seed = manifest, split, ways, seed
+        self.rotations = tuple(rotations)
         self.classes = manifest.classes(split)
         self.pixels = Pixels(manifest, split, channels, size, cache)
         self._eligible: dict[int, np.ndarray] = {}
@@ -144,9 +172,14 @@ class IndexEpisodes:
         """One episode per key (its generator's seed words), in order."""
         need = shots + query
         eligible = self.eligible(need)
-        rows = np.concatenate([draw_rows(np.random.default_rng(k), self.classes, eligible, self.ways, need).ravel()
-                               for k in keys]) if keys else np.zeros(0, dtype=np.int64)
-        return _episodes(self.pixels.rows(rows), len(keys), self.ways, need, shots)
+        rows, quarters = [], []
+        for k in keys:
+            rng = np.random.default_rng(k)
+            rows.append(draw_rows(rng, self.classes, eligible, self.ways, need).ravel())
+            quarters.append(draw_quarters(rng, self.rotations, self.ways))  # after the rows: they stay as they were
+        rows = np.concatenate(rows) if keys else np.zeros(0, dtype=np.int64)
+        quarters = np.stack(quarters) if keys else np.zeros((0, self.ways), dtype=np.int64)
+        return _episodes(rotate(self.pixels.rows(rows), quarters, self.ways, need), len(keys), self.ways, need, shots)
 
     def sample(self, step: int, indices, shots: int, query: int) -> Episode:
         """Training tasks `indices` (indices within the meta-batch) of outer step `step`."""
@@ -161,10 +194,11 @@ class IndexEpisodes:
 
 
 def fixed_episodes(manifest: Manifest, split: str, n: int | range, *, ways: int, shots: int, query: int,
-                   channels: int, size: int, seed: int) -> Episode:
+                   channels: int, size: int, seed: int, rotations: tuple[int, ...] = (0,)) -> Episode:
     """The fixed evaluation list of `split` (its first n episodes, or those of range n): episode e is a
     pure function of (seed, split, e)."""
-    return IndexEpisodes(manifest, split, ways=ways, channels=channels, size=size, seed=seed).fixed(n, shots, query)
+    return IndexEpisodes(manifest, split, ways=ways, channels=channels, size=size, seed=seed,
+                         rotations=rotations).fixed(n, shots, query)
 
 
 def stream_shortfall(manifest: Manifest, split: str, *, ways: int, shots: int, query: int,
@@ -202,7 +236,7 @@ class StreamingEpisodes:
     """One worker's stream of training episodes over its shards of `split`."""
 
     def __init__(self, manifest: Manifest, split: str, *, ways: int, channels: int, size: int, seed: int,
-                 rank: int = 0, world: int = 1, buffer_per_class: int = 64):
+                 rank: int = 0, world: int = 1, buffer_per_class: int = 64, rotations: tuple[int, ...] = (0,)):
         shards = manifest.split_shards(split)
         mine = shards[rank::world]
         if not mine:
@@ -210,6 +244,7 @@ class StreamingEpisodes:
                             f"{manifest.root}: use fewer workers, write smaller shards, or use data.access: index")
         self.manifest, self.split, self.shards = manifest, split, mine
         self.ways, self.seed, self.rank, self.buffer_per_class = ways, seed, rank, buffer_per_class
+        self.rotations = tuple(rotations)
         self._index = [manifest.position[s] for s in mine]
         self._class = manifest.samples["class_id"].astype(np.int64)
         self.pixels = Pixels(manifest, split, channels, size)
@@ -279,13 +314,16 @@ class StreamingEpisodes:
         """len(indices) training episodes, the next ones of this worker's stream."""
         need = shots + query
         blobs: list = []
-        for _ in indices:
+        quarters = np.zeros((len(indices), self.ways), dtype=np.int64)
+        for t in range(len(indices)):
             eligible = self._fill_until(need)
             for c in self.rng.choice(eligible, self.ways, replace=False):
                 buf = self.buffers[int(c)]
                 blobs += [buf[i] for i in self.rng.choice(len(buf), need, replace=False).tolist()]
+            quarters[t] = draw_quarters(self.rng, self.rotations, self.ways)
             self._pull(self.ways * need)  # keep the buffers turning over
-        return _episodes(self.pixels.decode(blobs), len(indices), self.ways, need, shots)
+        return _episodes(rotate(self.pixels.decode(blobs), quarters, self.ways, need), len(indices), self.ways,
+                         need, shots)
 
     # -- position -------------------------------------------------------------------------------
     def state(self) -> dict:

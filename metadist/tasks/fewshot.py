@@ -22,7 +22,8 @@ class FewShotTasks:
         if d.verify != "none":
             self.manifest.verify(d.verify)
         self.cfg = cfg
-        self.shape = dict(ways=cfg.task.ways, channels=cfg.model.channels, size=cfg.model.image_size)
+        self.shape = dict(ways=cfg.task.ways, channels=cfg.model.channels, size=cfg.model.image_size,
+                          rotations=tuple(cfg.task.rotations))
         self.access = resolve_access(d.access, d.cache, self.manifest)
         self._fixed: dict[str, IndexEpisodes] = {}
         if self.access == "index":

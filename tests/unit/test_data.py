@@ -314,3 +314,40 @@ def test_readers_give_the_same_episodes_when_the_manifest_keeps_one_shard_mapped
     wide = draws()
     monkeypatch.setattr(manifest_module, "_OPEN", 1)
     assert all(torch.equal(a, b) for a, b in zip(wide, draws()))
+
+
+def _turns(plain: torch.Tensor, turned: torch.Tensor, ways: int) -> list[list[int]]:
+    """Per episode and class: the quarter turn k with turned == rot90(plain, k) for all the class's images
+    (support or query, (tasks, ways·n, C, H, W) in class order); -1 where there is none."""
+    out = []
+    for p, t in zip(plain, turned):
+        p, t = p.view(ways, -1, *p.shape[1:]), t.view(ways, -1, *t.shape[1:])
+        out.append([next((k for k in range(4) if torch.equal(torch.rot90(p[w], k, (-2, -1)), t[w])), -1)
+                    for w in range(ways)])
+    return out
+
+
+def test_rotations_turn_each_class_of_an_episode_by_one_drawn_quarter(dataset):
+    m = Manifest(dataset)
+    kw = dict(ways=3, shots=2, query=2, channels=3, size=20, seed=0)
+    plain = fixed_episodes(m, "test", 20, **kw)
+    assert torch.equal(fixed_episodes(m, "test", 20, rotations=(0,), **kw).xs, plain.xs)  # draws as before
+    turned = fixed_episodes(m, "test", 20, rotations=(0, 90, 180, 270), **kw)
+    support, query = _turns(plain.xs, turned.xs, 3), _turns(plain.xq, turned.xq, 3)
+    assert support == query  # one turn per class for all its images, support and query alike
+    flat = [k for episode in support for k in episode]
+    assert -1 not in flat and set(flat) == {0, 1, 2, 3}  # the same images, each class turned by 0..3
+    assert torch.equal(fixed_episodes(m, "test", 20, rotations=(0, 90, 180, 270), **kw).xs, turned.xs)
+    only = fixed_episodes(m, "test", 20, rotations=(180,), **kw)
+    assert {k for e in _turns(plain.xs, only.xs, 3) for k in e} == {2}
+    # The streaming reader: its first episode is the same images, turned the same way per class.
+    shape = dict(ways=3, channels=3, size=20, seed=0, buffer_per_class=6)
+    a = StreamingEpisodes(m, "train", **shape).sample(0, range(1), 2, 2)
+    b = StreamingEpisodes(m, "train", rotations=(90, 270), **shape).sample(0, range(1), 2, 2)
+    turns = _turns(a.xs, b.xs, 3)[0]
+    assert set(turns) <= {1, 3} and turns == _turns(a.xq, b.xq, 3)[0]
+    # From the config: the run's fewshot tasks turn their episodes.
+    cfg = from_dict({**to_dict(_cfg(dataset)), "task": {"family": "fewshot", "ways": 3, "shots": 2, "query": 2,
+                                                         "rotations": [0, 90, 180, 270]}})
+    ep = build_tasks(cfg).fixed("test", 20, 2, 2)
+    assert torch.equal(ep.xs, turned.xs)
