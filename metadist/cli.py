@@ -231,6 +231,8 @@ def data_synth(out: Path = typer.Argument(..., help="Directory to write the shar
                per_class: int = typer.Option(600, min=1, help="Images per class."),
                size: int = typer.Option(84, min=8, help="Image side in pixels."),
                seed: int = typer.Option(0, help="Seed of the class prototypes and augmentations."),
+               channels: int = typer.Option(3, min=1, max=3, help="3 (RGB, JPEG) or 1 (grayscale, PNG, the Omniglot debug jobs' data)."),
+               classes: Optional[str] = typer.Option(None, help="Classes per split as TRAIN,VAL,TEST (default 64,16,20; 20-way jobs need 20 in each)."),
                shard_mb: float = ShardMbOpt,
                workers: int = typer.Option(1, min=1, help="Encoding processes.")):
     """Write a synthetic dataset in the mini-ImageNet layout (64 / 16 / 20 learnable classes)."""
@@ -241,9 +243,18 @@ def data_synth(out: Path = typer.Argument(..., help="Directory to write the shar
 
     if (out / "manifest.parquet").exists():
         _fail(f"{out} already holds a dataset (manifest.parquet); choose an empty directory")
+    if channels == 2:
+        _fail("--channels: 1 (grayscale) or 3 (RGB)")
+    counts = None
+    if classes is not None:
+        parts = classes.split(",")
+        if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            _fail(f"--classes {classes!r}: expected three positive counts TRAIN,VAL,TEST, such as 40,20,20")
+        counts = dict(zip(("train", "val", "test"), map(int, parts)))
     with Progress(console=err) as progress:
         synth_dataset(out, per_class=per_class, size=size, seed=seed, workers=workers,
-                      shard_bytes=shard_mb * 1e6, progress=progress)
+                      shard_bytes=shard_mb * 1e6, progress=progress, classes=counts,
+                      fmt="png" if channels == 1 else "jpg", channels=channels)
     _print_counts(Manifest(out))
 
 

@@ -44,3 +44,33 @@ def test_sine_job_is_the_paper_protocol():
     assert (cfg.outer.optimizer, cfg.outer.lr, cfg.train.meta_batch, cfg.train.steps) == ("adam", 1e-3, 25, 70000)
     assert (cfg.eval.shots, cfg.eval.episodes, cfg.eval.steps) == (5, 600, 10)
     assert cfg.task.amplitude == (0.1, 5.0) and cfg.task.x_range == (-5.0, 5.0)
+
+
+OMNIGLOT_DEBUG = sorted((ROOT / "jobs/omniglot").glob("*-debug.yaml"))
+
+
+@pytest.fixture(scope="module")
+def omniglot_like(tmp_path_factory):
+    """28 px grayscale shards with 20 classes in every split, 12 images each (Reptile's 10 shots + 1)."""
+    from metadist.data.synth import synth_dataset
+
+    out = tmp_path_factory.mktemp("synth-omniglot")
+    synth_dataset(out, per_class=12, size=28, seed=0, classes={"train": 20, "val": 20, "test": 20},
+                  fmt="png", channels=1)
+    return out
+
+
+@pytest.mark.parametrize("path", OMNIGLOT_DEBUG, ids=[p.stem for p in OMNIGLOT_DEBUG])
+def test_omniglot_debug_jobs_train(path, omniglot_like, tmp_path):
+    from metadist.runtime.driver import Trainer
+
+    cfg = load_config(path, [f"data.path={omniglot_like}", f"train.out_dir={tmp_path}", "train.steps=2",
+                             "train.eval_every=2", "train.meta_batch=2", "eval.episodes=2", "eval.val_episodes=2",
+                             "eval.steps=1", "tracking.enabled=false", "runtime.threads=1"])
+    assert cfg.model.downsample == "stride" and cfg.task.rotations == (0, 90, 180, 270)
+    trainer = Trainer(cfg)
+    summary = trainer.fit(progress=False)
+    assert trainer.model.feature_dim == cfg.model.filters * 2 * 2  # 28 -> 14 -> 7 -> 4 -> 2
+    assert [r["steps"] for r in summary["eval"]["rows"]] == [0, 1]
+    assert all(0 <= r["mean"] <= 100 for r in summary["eval"]["rows"])
+    assert "val_accuracy" in summary["metrics"]
