@@ -102,6 +102,7 @@ class Config:
     channels: int = 1
     filters: int = 64
     image_size: int = 28
+    downsample: str = "pool"  # Conv-4: 2x2 max-pools, or stride-2 convolutions (the paper's Omniglot network)
     tolerance: float = 1e-4
     """Largest float32 |peer - ours| allowed, relative to the largest meta-gradient entry."""
 
@@ -112,6 +113,10 @@ CONFIGS = {
     # Conv-4 in float32: see the module docstring; the float64 check is the tight one.
     "omniglot": Config("omniglot", "Conv-4 28px 1ch 64 filters, 5-way 1-shot, 15 query/class, 1 step, "
                        "meta-batch 32", "conv4", tasks=32, steps=1, lr=0.4, tolerance=2e-3),
+    # The same with the paper's Omniglot network: stride-2 convolutions instead of max-pooling.
+    "omniglot-stride": Config("omniglot-stride", "Conv-4 28px 1ch 64 filters, stride-2 convolutions, 5-way "
+                              "1-shot, 15 query/class, 1 step, meta-batch 32", "conv4", tasks=32, steps=1, lr=0.4,
+                              downsample="stride", tolerance=2e-3),
     "miniimagenet": Config("miniimagenet", "Conv-4 84px 3ch 32 filters, 5-way 1-shot, 15 query/class, "
                            "5 steps, meta-batch 4", "conv4", tasks=4, steps=5, lr=0.01, channels=3,
                            filters=32, image_size=84, tolerance=5e-2),
@@ -126,7 +131,8 @@ def job(cfg: Config, threads: int = 0) -> run_config.Config:
         task, model = {"family": "sinusoid"}, {"name": "mlp", "hidden": [40, 40]}
     else:
         task = {"family": "noise", "ways": cfg.ways}
-        model = {"name": "conv4", "channels": cfg.channels, "filters": cfg.filters, "image_size": cfg.image_size}
+        model = {"name": "conv4", "channels": cfg.channels, "filters": cfg.filters, "image_size": cfg.image_size,
+                 "downsample": cfg.downsample}
     task.update(shots=cfg.shots, query=cfg.query)
     return run_config.from_dict({
         "seed": 0, "task": task, "model": model,
@@ -149,21 +155,25 @@ def make_models(cfg: Config) -> tuple[nn.Module, nn.Module, dict[str, str]]:
         names = dict(zip([n for n, _ in peer.named_parameters()], [n for n, _ in ours.named_parameters()]))
     else:
         ours = Conv4(ways=cfg.ways, channels=cfg.channels, filters=cfg.filters,
-                     image_size=cfg.image_size, bn_steps=cfg.steps + 1)
+                     image_size=cfg.image_size, bn_steps=cfg.steps + 1, downsample=cfg.downsample)
+        pool = cfg.downsample == "pool"
         layers: list[nn.Module] = []
         width = cfg.channels
         for _ in range(4):
             # As in the higher and TorchOpt MAML examples: BatchNorm in train mode, momentum 1.
-            layers += [nn.Conv2d(width, cfg.filters, 3, padding=1),
-                       nn.BatchNorm2d(cfg.filters, momentum=1.0, affine=True), nn.ReLU(), nn.MaxPool2d(2)]
+            layers += [nn.Conv2d(width, cfg.filters, 3, stride=1 if pool else 2, padding=1),
+                       nn.BatchNorm2d(cfg.filters, momentum=1.0, affine=True), nn.ReLU()]
+            layers += [nn.MaxPool2d(2)] if pool else []
             width = cfg.filters
         peer = nn.Sequential(*layers, nn.Flatten(), nn.Linear(ours.feature_dim, cfg.ways))
+        per_block = 4 if pool else 3
         names = {}
         for i in range(4):
-            names.update({f"{4 * i}.weight": f"body.conv.{i}.weight", f"{4 * i}.bias": f"body.conv.{i}.bias",
-                          f"{4 * i + 1}.weight": f"body.norm.{i}.weight",
-                          f"{4 * i + 1}.bias": f"body.norm.{i}.bias"})
-        names.update({"17.weight": "head.weight", "17.bias": "head.bias"})
+            k = per_block * i
+            names.update({f"{k}.weight": f"body.conv.{i}.weight", f"{k}.bias": f"body.conv.{i}.bias",
+                          f"{k + 1}.weight": f"body.norm.{i}.weight", f"{k + 1}.bias": f"body.norm.{i}.bias"})
+        head = 4 * per_block + 1  # after the blocks and the Flatten
+        names.update({f"{head}.weight": "head.weight", f"{head}.bias": "head.bias"})
     ours_params = dict(ours.named_parameters())
     with torch.no_grad():
         for pn, p in peer.named_parameters():
