@@ -30,14 +30,15 @@ PAPER = {"MAML": [-40.4, -11.7, -3.3, -3.2], "pretrained": [-40.8, -19.7, -11.7,
 """Mean return after 0..3 steps in the authors' result files (cbfinn/maml_rl, icml/icml_point_results_*)."""
 
 
-def initial_report(run: Path) -> dict:
-    """The evaluation of a run's initial policy: recorded beside the run, or computed from its config."""
+def initial_report(run: Path, overrides: list[str] = ()) -> dict:
+    """The evaluation of a run's initial policy: recorded beside the run, or computed from its config
+    (always when `overrides`, eval.* settings to evaluate it with, are given)."""
     path = run / "eval_initial.json"
-    if path.exists():
+    if path.exists() and not overrides:
         return json.loads(path.read_text())
     from metadist.runtime.driver import Trainer
 
-    cfg = from_dict(read_yaml(run / "config.yaml", "run config") | {"tracking": {"enabled": False}})
+    cfg = from_dict(read_yaml(run / "config.yaml", "run config") | {"tracking": {"enabled": False}}, overrides)
     return Trainer(cfg, run_dir=run).report()
 
 
@@ -46,14 +47,15 @@ def rows(report: dict) -> list[tuple[float, float]]:
 
 
 def load(path: Path) -> tuple[str, dict]:
-    """A row's label (seed and test-time rate) and its evaluation report, from a run folder or a summary."""
+    """A row's label (seed, test-time rate, trajectories per update) and its evaluation report, from a run
+    folder or a summary."""
     if path.is_dir():
         seed = from_dict(read_yaml(path / "config.yaml", "run config")).seed
         report = json.loads((path / "eval.json").read_text())
     else:
         summary = json.loads(path.read_text())
         seed, report = summary["config"]["seed"], summary["eval"]
-    return f"seed {seed}, rate {report['lr']:g}", report
+    return f"seed {seed}, rate {report['lr']:g}, {report['shots']} trajectories", report
 
 
 def main() -> None:
@@ -61,7 +63,11 @@ def main() -> None:
     parser.add_argument("--maml", nargs="+", type=Path, required=True, help="MAML run folders, one per seed")
     parser.add_argument("--pretrained", nargs="*", type=Path, default=[], help="pretrain run folders")
     parser.add_argument("--out", type=Path, default=Path("navigation.png"), help="the figure's PNG file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="eval.KEY=VALUE",
+                        help="evaluate the random rows with these eval.* settings (repeatable)")
     args = parser.parse_args()
+    if any(not o.startswith("eval.") for o in args.overrides):
+        parser.error("--set takes eval.* keys only")
     for run in [*args.maml, *args.pretrained]:
         if run.is_file():
             if run.suffix != ".json":
@@ -76,8 +82,9 @@ def main() -> None:
         label, report = load(run)
         results["MAML"].append((label, rows(report)))
         if run.is_dir():  # the random row: this run's initial policy
-            initial = initial_report(run)
-            results["random"].append((label.split(",")[0] + f", rate {initial['lr']:g}", rows(initial)))
+            initial = initial_report(run, args.overrides)
+            results["random"].append((label.split(",")[0] + f", rate {initial['lr']:g}, {initial['shots']} trajectories",
+                                      rows(initial)))
     for run in args.pretrained:
         label, report = load(run)
         results["pretrained"].append((label, rows(report)))
