@@ -112,8 +112,8 @@ def test_a_navigation_run_records_returns_trpo_steps_and_its_figures(tmp_path, m
     res = CliRunner().invoke(app, [
         "train", str(ROOT / "jobs/rl/maml-navigation-debug.yaml"), "--no-progress",
         "--set", f"train.out_dir={tmp_path / 'runs'}", "--set", "train.steps=2", "--set", "train.log_every=1",
-        "--set", "train.eval_every=0", "--set", "train.meta_batch=3", "--set", "task.shots=6",
-        "--set", "task.query=6", "--set", "eval.episodes=3", "--set", "eval.shots=6"])
+        "--set", "train.eval_every=0", "--set", "train.select=last", "--set", "train.meta_batch=3",
+        "--set", "task.shots=6", "--set", "task.query=6", "--set", "eval.episodes=3", "--set", "eval.shots=6"])
     assert res.exit_code == 0, res.output
     client = MlflowClient(mlflow_store)
     (run,) = client.search_runs([client.get_experiment_by_name("maml-navigation-debug").experiment_id])
