@@ -4,9 +4,9 @@ figures of the authors' result files.
 
 Each run folder is one `metadist train jobs/rl/{maml,pretrain}-navigation.yaml` run; its `eval.json`
 holds its test evaluation. In place of a folder, a summary of `metadist eval <run> --summary-json F`
-(a checkpoint scored at another test-time rate, say) gives that evaluation. The random row of a seed is the evaluation of that run's initial policy
-(`eval_initial.json` when the run was recorded, else computed here from its config: the same seed
-gives the same initial parameters). Prints a markdown table (mean ± 95% CI over the test goals, per
+(a checkpoint scored at another test-time rate, say) gives that evaluation. The random row of a seed is
+the evaluation of that run's initial policy (`eval_initial.json` when the run was recorded, else
+computed here from its config: the same seed gives the same initial parameters). Prints a markdown table (mean ± 95% CI over the test goals, per
 seed, and the median over seeds) and writes the adaptation curves, with CI bands, to `--out`.
 
     python bench/navigation.py --maml runs/maml-navigation-A runs/maml-navigation-B \
@@ -46,16 +46,18 @@ def rows(report: dict) -> list[tuple[float, float]]:
     return [(r["mean"], r["ci95"]) for r in report["rows"]]
 
 
-def load(path: Path) -> tuple[str, dict]:
-    """A row's label (seed, test-time rate, trajectories per update) and its evaluation report, from a run
-    folder or a summary."""
+def row_label(seed: int, report: dict) -> str:
+    """A row's label: the seed, the test-time rate and the trajectories per update."""
+    return f"seed {seed}, rate {report['lr']:g}, {report['shots']} trajectories"
+
+
+def load(path: Path) -> tuple[int, dict]:
+    """The seed and the evaluation report of a run folder or of a `metadist eval` summary."""
     if path.is_dir():
-        seed = from_dict(read_yaml(path / "config.yaml", "run config")).seed
-        report = json.loads((path / "eval.json").read_text())
-    else:
-        summary = json.loads(path.read_text())
-        seed, report = summary["config"]["seed"], summary["eval"]
-    return f"seed {seed}, rate {report['lr']:g}, {report['shots']} trajectories", report
+        return (from_dict(read_yaml(path / "config.yaml", "run config")).seed,
+                json.loads((path / "eval.json").read_text()))
+    summary = json.loads(path.read_text())
+    return summary["config"]["seed"], summary["eval"]
 
 
 def main() -> None:
@@ -79,15 +81,14 @@ def main() -> None:
 
     results: dict[str, list[tuple[str, list[tuple[float, float]]]]] = {"MAML": [], "pretrained": [], "random": []}
     for run in args.maml:
-        label, report = load(run)
-        results["MAML"].append((label, rows(report)))
+        seed, report = load(run)
+        results["MAML"].append((row_label(seed, report), rows(report)))
         if run.is_dir():  # the random row: this run's initial policy
             initial = initial_report(run, args.overrides)
-            results["random"].append((label.split(",")[0] + f", rate {initial['lr']:g}, {initial['shots']} trajectories",
-                                      rows(initial)))
+            results["random"].append((row_label(seed, initial), rows(initial)))
     for run in args.pretrained:
-        label, report = load(run)
-        results["pretrained"].append((label, rows(report)))
+        seed, report = load(run)
+        results["pretrained"].append((row_label(seed, report), rows(report)))
 
     print("| policy | run | after 0 | after 1 | after 2 | after 3 |")
     print("|---|---|---|---|---|---|")

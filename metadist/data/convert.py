@@ -57,12 +57,8 @@ class ImageOptions:
 def encode_image(source, opts: ImageOptions) -> tuple[bytes, str]:
     """A file path or an (H, W[, C]) uint8 array -> (stored bytes, extension); DataError if unusable."""
     try:
-        if isinstance(source, ZipMember):
-            with Image.open(io.BytesIO(source.read())) as img:
-                fmt = (img.format or "JPEG").upper()
-                img.load()
-        elif isinstance(source, (str, Path)):
-            with Image.open(source) as img:
+        if isinstance(source, (str, Path, ZipMember)):
+            with Image.open(io.BytesIO(source.read()) if isinstance(source, ZipMember) else source) as img:
                 fmt = (img.format or "JPEG").upper()
                 img.load()
         else:

@@ -86,7 +86,8 @@ def _list_folder(root: Path, notes: defaultdict) -> dict[tuple[str, str], list]:
 
 def _list_zip(path: Path, name: str, notes: defaultdict) -> dict[tuple[str, str], list]:
     try:
-        members = zipfile.ZipFile(path).namelist()
+        with zipfile.ZipFile(path) as archive:
+            members = archive.namelist()
     except (zipfile.BadZipFile, OSError) as err:
         raise DataError(f"{path}: not a readable zip file ({err})") from None
     chars: dict[tuple[str, str], list] = defaultdict(list)
