@@ -140,7 +140,8 @@ class AlgorithmConfig:
     first_order_until: NonNegInt = 0
     """MAML++ derivative-order annealing: use first-order gradients for outer steps below this number."""
     reptile_optimizer: Literal["sgd", "adam"] = "sgd"
-    """Reptile's inner optimizer on each task."""
+    """Reptile's inner optimizer on each task, in training and at test time (`adam`: beta1 0, its moments
+    fresh on every task; the Reptile code also adapts its test tasks with it)."""
 
 
 @dataclass(config=STRICT)
@@ -159,10 +160,11 @@ class OuterConfig:
     the adapted policies' mean KL (the `rl.*` settings) and ignores `outer.lr`."""
     lr: PositiveFloat = 0.001
     """Meta learning rate."""
-    cosine: bool = False
-    """MAML++ cosine annealing of the meta learning rate over `train.steps`, down to `outer.min_lr`."""
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """The meta learning rate over `train.steps`: `constant`, annealed to `outer.min_lr` along a cosine
+    (MAML++) or along a straight line (Reptile's outer step size, from `outer.lr` to its final value)."""
     min_lr: Annotated[float, Field(ge=0)] = 0.0
-    """Final meta learning rate of the cosine schedule."""
+    """Final meta learning rate of the `cosine` and `linear` schedules (at most `outer.lr` for `linear`)."""
 
 
 @dataclass(config=STRICT)
@@ -348,6 +350,9 @@ class Config:
             (rl and self.algorithm.msl, "algorithm.msl",
              "the multi-step loss is not implemented for reinforcement learning (it needs the post-update "
              "trajectories of every inner step); allowed there: false"),
+            (self.outer.schedule == "linear" and self.outer.min_lr > self.outer.lr, "outer.min_lr",
+             f"{self.outer.min_lr} is above outer.lr ({self.outer.lr}); a linear schedule anneals down, allowed: "
+             f"0 to {self.outer.lr}"),
             (self.outer.optimizer == "trpo" and not rl, "outer.optimizer",
              "'trpo' is the reinforcement-learning outer step; allowed for "
              f"task.family {self.task.family!r}: adam, sgd"),

@@ -79,6 +79,29 @@ def step_lr(params: Tensors, name: str, k: int, spec: InnerSpec):
     return spec.later_lr if k > 0 and spec.later_lr is not None else spec.lr
 
 
+# Reptile's paper (and code) runs Adam with beta1 = 0 in the inner loop.
+ADAM_BETAS = (0.0, 0.999)
+ADAM_EPS = 1e-8
+
+
+def inner_update(params: Tensors, ad: Tensors, g: Tensors, k: int, spec: InnerSpec, state=None):
+    """`ad` after inner step `k` with gradient `g`, and the optimizer state to pass to step k + 1.
+
+    Gradient descent at `step_lr`, or with `spec.inner_optimizer == "adam"` (Reptile's inner optimizer)
+    Adam with beta1 0 and bias correction, whose moments start at zero on every task (`state` None at
+    k = 0). The one home of the inner update: training and test-time adaptation take the same step.
+    """
+    if spec.inner_optimizer != "adam":
+        return {n: ad[n] - step_lr(params, n, k, spec) * g[n] for n in ad}, None
+    b1, b2 = ADAM_BETAS
+    m, v = state or ({n: torch.zeros_like(x) for n, x in ad.items()}, {n: torch.zeros_like(x) for n, x in ad.items()})
+    m = {n: b1 * m[n] + (1 - b1) * g[n] for n in ad}
+    v = {n: b2 * v[n] + (1 - b2) * g[n] ** 2 for n in ad}
+    c1, c2 = 1 - b1 ** (k + 1), 1 - b2 ** (k + 1)
+    new = {n: ad[n] - step_lr(params, n, k, spec) * (m[n] / c1) / ((v[n] / c2).sqrt() + ADAM_EPS) for n in ad}
+    return new, (m, v)
+
+
 class Forward:
     """Calls the model functionally for one task, in the BatchNorm mode the spec asks for."""
 
@@ -132,6 +155,7 @@ def adapt(model: torch.nn.Module, params: Tensors, xs, ys, xq, yq, spec: InnerSp
 
     need_every_step = spec.track or spec.msl_weights is not None
     losses, accs, bn_stats = [], [], []
+    opt_state = None
     before = spec.report_before or spec.track
     if before:
         with torch.no_grad():
@@ -145,7 +169,8 @@ def adapt(model: torch.nn.Module, params: Tensors, xs, ys, xq, yq, spec: InnerSp
         bn_stats.append(stats)
         if spec.first_order:
             g = {n: v.detach() for n, v in g.items()}
-        fast = {**fast, **{n: ad[n] - step_lr(params, n, k, spec) * g[n] for n in adapted}}
+        stepped, opt_state = inner_update(params, ad, g, k, spec, opt_state)
+        fast = {**fast, **stepped}
         if need_every_step or k == spec.steps - 1:
             loss_k, acc_k, stats = query(fast, k + 1)
             losses.append(loss_k)

@@ -11,17 +11,12 @@ from functools import partial
 
 import torch
 
-from metadist.algorithms.adaptation import Forward, bn_aux, inner_grad, model_params, task_loss
+from metadist.algorithms.adaptation import Forward, bn_aux, inner_grad, inner_update, model_params, task_loss
 from metadist.algorithms.batching import map_tasks
 from metadist.algorithms.spec import InnerSpec
 from metadist.episode import Episode
 
 Tensors = dict[str, torch.Tensor]
-
-# Reptile's paper runs Adam with beta1 = 0 in the inner loop.
-ADAM_BETAS = (0.0, 0.999)
-ADAM_EPS = 1e-8
-
 
 def _task(model, spec: InnerSpec, params, xs, ys, xq, yq):
     fwd = Forward(model, spec)
@@ -32,21 +27,13 @@ def _task(model, spec: InnerSpec, params, xs, ys, xq, yq):
         out, stats = fwd(p, xs, k)
         return task_loss(out, ys, spec.loss), stats
 
-    m = {n: torch.zeros_like(v) for n, v in w.items()}
-    v2 = {n: torch.zeros_like(v) for n, v in w.items()}
-    b1, b2 = ADAM_BETAS
+    opt_state = None
     before = task_loss(fwd(w, xq, 0)[0], yq, spec.loss) if spec.report_before else None
     bn_rows = []  # per_step mode: support statistics at each inner step, then the final query's
     for k in range(spec.steps):
         g, stats = inner_grad(loss_at, w, k, create_graph=False)
         bn_rows.append(stats)
-        if spec.inner_optimizer == "adam":
-            m = {n: b1 * m[n] + (1 - b1) * g[n] for n in w}
-            v2 = {n: b2 * v2[n] + (1 - b2) * g[n] ** 2 for n in w}
-            c1, c2 = 1 - b1 ** (k + 1), 1 - b2 ** (k + 1)
-            w = {n: w[n] - spec.lr * (m[n] / c1) / ((v2[n] / c2).sqrt() + ADAM_EPS) for n in w}
-        else:
-            w = {n: w[n] - spec.lr * g[n] for n in w}
+        w, opt_state = inner_update(params, w, g, k, spec, opt_state)
     out_q, stats = fwd(w, xq, spec.steps)
     after = task_loss(out_q, yq, spec.loss)
     out = {f"grad.{n}": theta[n] - w[n] for n in theta}

@@ -108,7 +108,7 @@ def make_spec(cfg, outer_step: int = 0, track: bool = False, task_parallel: str 
         task_parallel=task_parallel or algo.task_parallel,
         chunk=algo.chunk,
         adapt="head" if algo.name == "anil" else "all",
-        inner_optimizer=algo.reptile_optimizer,
+        inner_optimizer=algo.reptile_optimizer if algo.name == "reptile" else "sgd",
         gamma=cfg.rl.gamma,
         gae_lambda=cfg.rl.gae_lambda,
     )
@@ -121,5 +121,6 @@ def make_eval_spec(cfg, steps: int | None = None, task_parallel: str | None = No
     return spec.with_(steps=cfg.eval.steps if steps is None else steps,
                       lr=lr, later_lr=lr * cfg.eval.later_lr_scale, first_order=True, msl_weights=None,
                       bn_eval=spec.bn == "per_step", chunk=cfg.eval.batch,
-                      # Evaluation adapts by gradient descent for every algorithm, Reptile included.
-                      inner_optimizer="sgd")
+                      # Reptile adapts test tasks with its own inner optimizer, as its code does (Adam at
+                      # 1e-3 for 50 steps); every other algorithm by gradient descent.
+                      inner_optimizer=spec.inner_optimizer)

@@ -45,6 +45,18 @@ def new_run_dir(cfg: Config) -> Path:
     return path
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config):
+    """The meta learning rate's schedule over `train.steps` (`outer.schedule`), None when constant."""
+    o, steps = cfg.outer, cfg.train.steps
+    if o.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=o.min_lr)
+    if o.schedule == "linear":
+        # Reptile's step size at iteration i of N: lr + (min_lr - lr) * i / N.
+        return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=o.min_lr / o.lr,
+                                                 total_iters=steps)
+    return None
+
+
 def make_executor(cfg: Config, params: dict, console: Console):
     if cfg.runtime.executor == "ray":
         from metadist.runtime.ray_executor import RayExecutor  # ray is imported only when asked for
@@ -129,9 +141,7 @@ class Trainer:
         # TRPO's step is computed from the executor's sums each step (`trpo_step`): no optimizer state.
         opt_cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}.get(cfg.outer.optimizer)
         self.optimizer = opt_cls(list(self.params.values()), lr=cfg.outer.lr) if opt_cls else None
-        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=cfg.train.steps, eta_min=cfg.outer.min_lr)
-            if cfg.outer.cosine and self.optimizer else None)
+        self.scheduler = make_scheduler(self.optimizer, cfg) if self.optimizer else None
         self.tasks = build_tasks(cfg)  # evaluation tasks; training tasks are drawn by the executor
         # `vmap` or `loop` for training and evaluation alike; `auto` is resolved once, at start.
         self.task_parallel = None if cfg.algorithm.task_parallel == "auto" else cfg.algorithm.task_parallel

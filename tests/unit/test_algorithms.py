@@ -276,6 +276,41 @@ def test_reptile_adam_differs_from_sgd():
     assert max_diff(out["sgd"], out["adam"]) > 1e-3
 
 
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_reptile_evaluates_with_its_inner_optimizer(optimizer, mode):
+    # The Reptile code adapts its test tasks with the training inner optimizer (Adam, beta1 0): the
+    # evaluation curve must be that of torch.optim's steps on the support set, fresh per task.
+    cfg = sine_cfg("algorithm.name=reptile", f"algorithm.reptile_optimizer={optimizer}", "eval.steps=4",
+                   "eval.lr=0.05", f"algorithm.task_parallel={mode}")
+    model, batch = tiny_mlp(), sine_batch(3)
+    params = meta_params(model, cfg)
+    curve = adapt_curve(model, params, batch, make_eval_spec(cfg))["loss"]
+    for t in range(batch.num_tasks):
+        net = copy.deepcopy(model)
+        net.load_state_dict(params)
+        opt = (torch.optim.Adam(net.parameters(), lr=0.05, betas=(0.0, 0.999), eps=1e-8) if optimizer == "adam"
+               else torch.optim.SGD(net.parameters(), lr=0.05))
+        expected = []
+        for _ in range(4):
+            expected.append(F.mse_loss(net(batch.xq[t]), batch.yq[t]).detach())
+            opt.zero_grad()
+            F.mse_loss(net(batch.xs[t]), batch.ys[t]).backward()
+            opt.step()
+        expected.append(F.mse_loss(net(batch.xq[t]), batch.yq[t]).detach())
+        torch.testing.assert_close(curve[t], torch.stack(expected), **TIGHT)
+
+
+def test_reptile_optimizer_applies_to_reptile_only():
+    # The key is Reptile's: MAML's inner loop (training and test time) stays gradient descent.
+    cfg = sine_cfg("algorithm.reptile_optimizer=adam")
+    assert make_spec(cfg).inner_optimizer == "sgd" and make_eval_spec(cfg).inner_optimizer == "sgd"
+    model, batch = tiny_mlp(), sine_batch(2)
+    params = meta_params(model, cfg)
+    plain = ALGORITHMS["maml"](model, params, batch, make_spec(sine_cfg()))[0]
+    assert_grads_close(ALGORITHMS["maml"](model, params, batch, make_spec(cfg))[0], plain, **TIGHT)
+
+
 # ----------------------------------------------------------------------------------------------- ANIL
 
 @pytest.mark.parametrize("steps", [1, 2])

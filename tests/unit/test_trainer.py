@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from metadist.config import ConfigError
 from metadist.evaluation import summarise
 from metadist.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metadist.runtime.driver import Trainer, TrainingDiverged, evaluate_checkpoint, read_history
@@ -70,9 +71,22 @@ def test_resumed_run_matches_an_uninterrupted_one(sine_debug):
 
 
 def test_cosine_schedule_reaches_min_lr(sine_debug):
-    trainer, _ = _fit(sine_debug("outer.cosine=true", "outer.min_lr=0.0001"))
+    trainer, _ = _fit(sine_debug("outer.schedule=cosine", "outer.min_lr=0.0001"))
     assert trainer.history[0]["lr_outer"] == pytest.approx(1e-3)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+def test_linear_schedule_is_reptiles_step_size(sine_debug):
+    # The Reptile code's outer step size at iteration i of N: (1 - i/N) * lr + (i/N) * final.
+    trainer, _ = _fit(sine_debug("outer.schedule=linear", "outer.min_lr=0.0002", "train.log_every=1"))
+    steps = trainer.cfg.train.steps
+    got = [row["lr_outer"] for row in trainer.history if "lr_outer" in row]
+    assert len(got) == steps
+    for i, lr in enumerate(got):
+        assert lr == pytest.approx((1 - i / steps) * 1e-3 + i / steps * 2e-4, rel=1e-9)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(2e-4)
+    with pytest.raises(ConfigError, match="outer.min_lr.*allowed: 0 to 0.001"):
+        sine_debug("outer.schedule=linear", "outer.min_lr=0.01")
 
 
 def test_divergence_is_a_clear_error(sine_debug):
