@@ -94,7 +94,10 @@ def inner_update(params: Tensors, ad: Tensors, g: Tensors, k: int, spec: InnerSp
     if spec.inner_optimizer != "adam":
         return {n: ad[n] - step_lr(params, n, k, spec) * g[n] for n in ad}, None
     b1, b2 = ADAM_BETAS
-    m, v = state or ({n: torch.zeros_like(x) for n, x in ad.items()}, {n: torch.zeros_like(x) for n, x in ad.items()})
+    if state is None:
+        zeros = {n: torch.zeros_like(x) for n, x in ad.items()}
+        state = (zeros, zeros)
+    m, v = state
     m = {n: b1 * m[n] + (1 - b1) * g[n] for n in ad}
     v = {n: b2 * v[n] + (1 - b2) * g[n] ** 2 for n in ad}
     c1, c2 = 1 - b1 ** (k + 1), 1 - b2 ** (k + 1)

@@ -18,6 +18,7 @@ from metadist.episode import Episode
 
 Tensors = dict[str, torch.Tensor]
 
+
 def _task(model, spec: InnerSpec, params, xs, ys, xq, yq):
     fwd = Forward(model, spec)
     theta = model_params(params)
