@@ -279,6 +279,10 @@ class TrackingConfig:
     """MLflow experiment name; defaults to the run name."""
     plot_tasks: PositiveInt = 3
     """Sinusoid test tasks drawn in the fit plot (MAML paper, Figure 2)."""
+    compare: list[str] = field(default_factory=list)
+    """Finished run folders whose test evaluation (their `eval.json`) the adaptation-curve plot draws
+    beside this run's, as the MAML paper's Figure 2 sets MAML against a pretrained network. Each must be
+    scored as this run is: the same split, shots and number of tasks."""
 
 
 @dataclass(config=STRICT)

@@ -3,6 +3,9 @@
 The tasks are a pure function of (seed, split), so two runs or two algorithms with the same seed are
 scored on the same tasks. Tasks whose loss is not finite are counted as diverged and left out of the
 mean, rather than averaging a NaN into the table (docs/reference.md: extra test-time steps can overshoot).
+A task whose loss stays finite but grows more than `EXPLODED_FACTOR` times over its loss before
+adaptation stays in the mean, as the protocol has it, and is counted as exploded, so that one such task
+is visible beside the mean it dominates.
 """
 
 from __future__ import annotations
@@ -16,6 +19,17 @@ from rich.table import Table
 from metadist.algorithms import adapt_curve, make_eval_spec, maml_rl
 from metadist.algorithms.evaluate import adapted_outputs
 from metadist.episode import Episode
+
+
+EXPLODED_FACTOR = 10.0
+"""A task counts as exploded after s test-time steps when its finite loss exceeds this many times its
+loss before adaptation."""
+
+
+def exploded(loss: torch.Tensor, before: torch.Tensor) -> int:
+    """Tasks whose finite `loss` is above `EXPLODED_FACTOR` times their loss `before` adaptation (1-D,
+    one entry per task). Not-finite losses are diverged, not exploded."""
+    return int((torch.isfinite(loss) & (loss > EXPLODED_FACTOR * before)).sum())
 
 
 def summarise(values: torch.Tensor) -> dict:
@@ -61,7 +75,8 @@ def evaluate(model, params: dict, cfg, tasks, *, task_parallel: str, episodes: i
 
     Rows carry `mean` and `ci95` of the primary metric (MSE for regression, accuracy in % for
     classification, the mean undiscounted return per trajectory for navigation), plus
-    `loss_mean`/`loss_ci95` for classification and a `diverged` count.
+    `loss_mean`/`loss_ci95` for classification, a `diverged` count and (but for navigation) an
+    `exploded` count (`EXPLODED_FACTOR`).
     """
     episodes = episodes or cfg.eval.episodes
     split = split or cfg.eval.split
@@ -96,9 +111,11 @@ def report_of(curves: dict[str, torch.Tensor], spec, *, split: str, shots: int, 
                    "loss_mean": loss_row["mean"], "loss_ci95": loss_row["ci95"]}
         else:
             row = {"steps": s, **loss_row}
+        row["exploded"] = exploded(loss[:, s].double(), loss[:, 0].double())
         rows.append(row)
     return {"split": split, "shots": shots, "episodes": episodes,
-            "metric": "accuracy" if "acc" in curves else "mse", "lr": spec.lr, "rows": rows}
+            "metric": "accuracy" if "acc" in curves else "mse", "lr": spec.lr, "rows": rows,
+            "exploded_factor": EXPLODED_FACTOR}
 
 
 def sine_fits(model, params: dict, cfg, tasks, *, task_parallel: str, n_tasks: int = 3,
@@ -147,7 +164,10 @@ def print_eval(report: dict, title: str = "evaluation", console: Console | None 
     table.add_column("± 95% CI", justify="right")
     table.add_column("median", justify="right")
     table.add_column("diverged", justify="right")
+    factor = report.get("exploded_factor")  # not for navigation, nor in reports written before it
+    if factor:
+        table.add_column(f"exploded (>{factor:g}x)", justify="right")
     for r in report["rows"]:
-        table.add_row(str(r["steps"]), f"{r['mean']:.4f}", f"{r['ci95']:.4f}", f"{r['median']:.4f}",
-                      str(r["diverged"]))
+        cells = [str(r["steps"]), f"{r['mean']:.4f}", f"{r['ci95']:.4f}", f"{r['median']:.4f}", str(r["diverged"])]
+        table.add_row(*cells, *([str(r.get("exploded", "-"))] if factor else []))
     (console or Console()).print(table)

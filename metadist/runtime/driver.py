@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
     TimeRemainingColumn
 
 from metadist.algorithms import init_meta_params, make_spec, trpo
-from metadist.config import Config, ConfigError, dump_config, from_dict, parse_override, to_dict
+from metadist.config import Config, ConfigError, dump_config, from_dict, parse_override, read_yaml, to_dict
 from metadist.evaluation import evaluate, lower_is_better, navigation_paths, print_eval, sine_fits
 from metadist.models import build_model
 from metadist.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -157,6 +157,8 @@ class Trainer:
         if run_dir is None and cfg.runtime.executor != "local" and cfg.runtime.address:
             from metadist.runtime.cluster import check_reachable  # a cluster that is not there: one error
             check_reachable(cfg.runtime.address)  # now, before a run folder exists (as for the store)
+        if run_dir is None and cfg.tracking.compare:
+            compared_reports(cfg)  # a folder that cannot be compared is one line now, not after training
         self.run_dir = run_dir or new_run_dir(cfg)
         # The process that writes the run folder and the logs: the driver, or rank 0 of a collective group.
         self.main = True
@@ -433,7 +435,9 @@ class Trainer:
         if history:
             out["plots/training_curve.png"] = plots.training_curve(history, name)
         reports = {"before meta-training": base["report"]} if base else {}
-        out["plots/adaptation_curve.png"] = plots.adaptation_curve({**reports, "after meta-training": report}, name)
+        reports["after meta-training"] = report
+        reports.update(compared_reports(self.cfg))
+        out["plots/adaptation_curve.png"] = plots.adaptation_curve(reports, name)
         if self.cfg.task.family == "sinusoid":
             sets = {"before meta-training": base["params"]} if base else {}
             sets["after meta-training"] = self.params
@@ -557,6 +561,26 @@ def read_history(run_dir: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def compared_reports(cfg: Config) -> dict[str, dict]:
+    """The test evaluations of the runs in `tracking.compare`, labelled by run name and seed; one
+    ConfigError if a folder holds no finished run or scored other tasks than `cfg` does."""
+    out = {}
+    for folder in cfg.tracking.compare:
+        path, conf = Path(folder) / "eval.json", Path(folder) / "config.yaml"
+        if not (path.is_file() and conf.is_file()):
+            raise ConfigError(f"tracking.compare: {folder} holds no finished run (eval.json and config.yaml); "
+                              "allowed: folders of finished runs")
+        report, other = json.loads(path.read_text()), from_dict(read_yaml(conf, "run config"))
+        mine = (cfg.eval.split, cfg.eval.shots or cfg.task.shots, cfg.eval.episodes)
+        theirs = (report["split"], report["shots"], report["episodes"])
+        if theirs != mine:
+            raise ConfigError(f"tracking.compare: {folder} was scored on {theirs[2]} {theirs[0]} tasks, "
+                              f"{theirs[1]}-shot; this run on {mine[2]} {mine[0]} tasks, {mine[1]}-shot; allowed: "
+                              "runs scored on the same tasks")
+        out[f"{other.name} (seed {other.seed})"] = report
+    return out
 
 
 def resume_trainer(target: str | Path, console: Console | None = None, executor: str | None = None) -> Trainer:

@@ -7,9 +7,11 @@ import math
 
 import pytest
 import torch
+from rich.console import Console
 
+from metadist.algorithms.spec import InnerSpec
 from metadist.config import ConfigError
-from metadist.evaluation import summarise
+from metadist.evaluation import EXPLODED_FACTOR, print_eval, report_of, summarise
 from metadist.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metadist.runtime.driver import Trainer, TrainingDiverged, evaluate_checkpoint, read_history
 
@@ -98,6 +100,39 @@ def test_eval_counts_diverged_tasks_instead_of_averaging_nan():
     s = summarise(torch.tensor([1.0, 3.0, float("nan"), float("inf")]))
     assert s["diverged"] == 2 and s["mean"] == pytest.approx(2.0) and s["median"] in (1.0, 3.0)
     assert s["ci95"] == pytest.approx(1.96 * math.sqrt(2.0) / math.sqrt(2))
+
+
+def test_eval_counts_exploded_tasks_and_keeps_them_in_the_mean():
+    # Four tasks: one improves, one grows 20x (exploded), one grows 7.5x (not), one diverges.
+    loss = torch.tensor([[1.0, 0.5], [1.0, 20.0], [2.0, 15.0], [1.0, float("nan")]])
+    spec = InnerSpec(steps=1, lr=0.01)
+    report = report_of({"loss": loss}, spec, split="test", shots=5, episodes=4)
+    before, after = report["rows"]
+    assert report["exploded_factor"] == EXPLODED_FACTOR == 10.0
+    assert before["exploded"] == 0 and after["exploded"] == 1 and after["diverged"] == 1
+    assert after["mean"] == pytest.approx((0.5 + 20.0 + 15.0) / 3)  # the exploded task stays in the mean
+    acc = torch.tensor([[0.2, 0.6], [0.2, 0.0], [0.4, 0.2], [0.2, 0.0]])
+    rows = report_of({"loss": loss, "acc": acc}, spec, split="test", shots=1, episodes=4)["rows"]
+    assert rows[1]["exploded"] == 1 and rows[1]["mean"] == pytest.approx(20.0)
+    console = Console(record=True, width=120)
+    print_eval(report, console=console)
+    assert "exploded (>10x)" in console.export_text()
+
+
+def test_adaptation_curve_draws_the_compared_runs_beside_this_one(sine_debug, tmp_path):
+    # The MAML paper's Figure 2: MAML's MSE against test-time steps beside the pretrained network's.
+    baseline, _ = _fit(sine_debug("algorithm.name=pretrain", "name=pretrain-debug", "tracking.enabled=false"))
+    trainer, summary = _fit(sine_debug("tracking.enabled=false", f"tracking.compare=[{baseline.run_dir}]"))
+    fig = trainer.figures(summary["eval"])["plots/adaptation_curve.png"]
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert labels == ["after meta-training", "pretrain-debug (seed 0)"]
+    drawn = fig.axes[0].lines[1].get_ydata()
+    assert list(drawn) == [r["mean"] for r in json.loads((baseline.run_dir / "eval.json").read_text())["rows"]]
+    # A folder that holds no run, or a run scored on other tasks, is one error before training starts.
+    with pytest.raises(ConfigError, match="tracking.compare: .* holds no finished run"):
+        Trainer(sine_debug(f"tracking.compare=[{tmp_path}]"))
+    with pytest.raises(ConfigError, match="tracking.compare: .* scored on 40 test tasks, 5-shot; this run on 20"):
+        Trainer(sine_debug("eval.episodes=20", f"tracking.compare=[{baseline.run_dir}]"))
 
 
 def test_checkpoint_write_is_atomic_and_foreign_files_are_refused(tmp_path):
