@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metadist.config import from_dict, read_yaml  # noqa: E402
+from metadist.runtime.driver import read_finished_run  # noqa: E402
 
 PAPER = {"MAML": [-40.4, -11.7, -3.3, -3.2], "pretrained": [-40.8, -19.7, -11.7, -8.5],
          "random": [-82.7, -58.0, -53.8, -46.8]}
@@ -53,11 +54,8 @@ def row_label(seed: int, report: dict) -> str:
 
 def load(path: Path) -> tuple[int, dict]:
     """The seed and the evaluation report of a run folder or of a `metadist eval` summary."""
-    if path.is_dir():
-        return (from_dict(read_yaml(path / "config.yaml", "run config")).seed,
-                json.loads((path / "eval.json").read_text()))
-    summary = json.loads(path.read_text())
-    return summary["config"]["seed"], summary["eval"]
+    cfg, report = read_finished_run(path)
+    return cfg.seed, report
 
 
 def main() -> None:
@@ -71,13 +69,10 @@ def main() -> None:
     if any(not o.startswith("eval.") for o in args.overrides):
         parser.error("--set takes eval.* keys only")
     for run in [*args.maml, *args.pretrained]:
-        if run.is_file():
-            if run.suffix != ".json":
-                parser.error(f"{run} is neither a run folder nor a summary JSON of metadist eval")
-            continue
-        missing = [f for f in ("config.yaml", "eval.json") if not (run / f).is_file()]
-        if missing:
-            parser.error(f"{run} is not a finished run folder: it has no {' or '.join(missing)}")
+        try:
+            read_finished_run(run)
+        except ValueError as err:
+            parser.error(str(err))
 
     results: dict[str, list[tuple[str, list[tuple[float, float]]]]] = {"MAML": [], "pretrained": [], "random": []}
     for run in args.maml:

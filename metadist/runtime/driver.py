@@ -563,16 +563,31 @@ def read_history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def read_finished_run(path: str | Path) -> tuple[Config, dict]:
+    """The config and test evaluation of a finished run: its folder (config.yaml and eval.json), or the
+    summary JSON that `metadist train` or `metadist eval` wrote with --summary-json. ValueError (one
+    line) when `path` is neither."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".json":
+        summary = json.loads(path.read_text())
+        if not isinstance(summary, dict) or not {"config", "eval"} <= summary.keys():
+            raise ValueError(f"{path} is not a run summary of metadist train or eval (--summary-json)")
+        return from_dict(summary["config"]), summary["eval"]
+    missing = [f for f in ("config.yaml", "eval.json") if not (path / f).is_file()]
+    if missing:
+        raise ValueError(f"{path} holds no finished run: it has no {' or '.join(missing)}")
+    return from_dict(read_yaml(path / "config.yaml", "run config")), json.loads((path / "eval.json").read_text())
+
+
 def compared_reports(cfg: Config) -> dict[str, dict]:
     """The test evaluations of the runs in `tracking.compare`, labelled by run name and seed; one
     ConfigError if a folder holds no finished run or scored other tasks than `cfg` does."""
     out = {}
     for folder in cfg.tracking.compare:
-        path, conf = Path(folder) / "eval.json", Path(folder) / "config.yaml"
-        if not (path.is_file() and conf.is_file()):
-            raise ConfigError(f"tracking.compare: {folder} holds no finished run (eval.json and config.yaml); "
-                              "allowed: folders of finished runs")
-        report, other = json.loads(path.read_text()), from_dict(read_yaml(conf, "run config"))
+        try:
+            other, report = read_finished_run(folder)
+        except ValueError as err:
+            raise ConfigError(f"tracking.compare: {err}; allowed: folders of finished runs") from None
         mine = (cfg.eval.split, cfg.eval.shots or cfg.task.shots, cfg.eval.episodes)
         theirs = (report["split"], report["shots"], report["episodes"])
         if theirs != mine:
