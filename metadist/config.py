@@ -150,6 +150,10 @@ class InnerConfig:
     """Inner-loop (adaptation) learning rate alpha; also the initial value of learned rates."""
     steps: PositiveInt = 1
     """Inner-loop gradient steps during meta-training."""
+    batch: NonNegInt = 0
+    """Support examples per inner step (the Reptile code's inner batch): each step takes the next `batch`
+    of the support set in a shuffled order, and a new order starts when it runs out (a pure function of
+    (seed, outer step), shared by the tasks of a step). 0 takes the whole support set at every step."""
 
 
 @dataclass(config=STRICT)
@@ -228,6 +232,9 @@ class EvalConfig:
     """Query examples per task (sinusoid) or per class (fewshot) at test time."""
     lr: Optional[PositiveFloat] = None
     """Test-time inner learning rate; defaults to `inner.lr` (learned rates are used where trained)."""
+    inner_batch: NonNegInt = 0
+    """Support examples per test-time step, as `inner.batch` is in training (the Reptile code's eval batch);
+    0 takes the whole support set."""
     later_lr_scale: PositiveFloat = 1.0
     """The test-time rate of the steps after the first, as a multiple of the first's (navigation and
     locomotion only).
@@ -378,6 +385,15 @@ class Config:
             (self.train.select == "best_val" and not self.train.eval_every, "train.select",
              "'best_val' picks among the validations, and train.eval_every is 0 (none); set train.eval_every "
              "or use train.select: last"),
+            *[(n > support, key, f"{n} is more than the support set ({support} examples); allowed: 0 to {support}")
+              for key, n, support in (("inner.batch", self.inner.batch, self.support_size(self.task.shots)),
+                                      ("eval.inner_batch", self.eval.inner_batch,
+                                       self.support_size(self.eval.shots or self.task.shots)))],
+            (self.inner.batch and self.algorithm.name == "pretrain", "inner.batch",
+             "pretrain has no inner loop in training; allowed with it: 0 (eval.inner_batch sets the test-time batch)"),
+            *[(n and rl, key, "mini-batches of the support set are for supervised tasks; allowed for "
+               "reinforcement learning: 0") for key, n in (("inner.batch", self.inner.batch),
+                                                            ("eval.inner_batch", self.eval.inner_batch))],
             (self.runtime.executor == "collective" and self.runtime.workers > self.train.meta_batch,
              "runtime.workers", f"{self.runtime.workers} ranks for a meta-batch of {self.train.meta_batch} "
              f"tasks would leave ranks without a task; allowed: 1 to train.meta_batch"),
@@ -385,6 +401,10 @@ class Config:
         for bad, key, why in checks:
             if bad:
                 raise ConfigError(f"{key}: {why}")
+
+    def support_size(self, shots: int) -> int:
+        """Support examples of a task with `shots` per class (fewshot) or in all (sinusoid)."""
+        return shots * self.task.ways if self.task.family in ("fewshot", "noise") else shots
 
 
 _ADAPTER = TypeAdapter(Config)

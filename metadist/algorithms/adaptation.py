@@ -105,6 +105,14 @@ def inner_update(params: Tensors, ad: Tensors, g: Tensors, k: int, spec: InnerSp
     return new, (m, v)
 
 
+def support_batch(xs: torch.Tensor, ys: torch.Tensor, k: int, spec: InnerSpec):
+    """The support examples inner step `k` takes: the whole set, or its mini-batch (`spec.batches`)."""
+    if spec.batches is None:
+        return xs, ys
+    idx = torch.tensor(spec.batches[k], device=xs.device)
+    return xs[idx], ys[idx]
+
+
 class Forward:
     """Calls the model functionally for one task, in the BatchNorm mode the spec asks for."""
 
@@ -143,8 +151,9 @@ def adapt(model: torch.nn.Module, params: Tensors, xs, ys, xq, yq, spec: InnerSp
     adapted = [n for n in fast if n.startswith("head.")] if head_only else list(fast)
 
     def support_loss(ad: Tensors, fixed: Tensors, k: int):
-        out, stats = fwd({**fixed, **ad}, xs, k, part)
-        return task_loss(out, ys, spec.loss), stats
+        x, y = support_batch(xs, ys, k, spec)
+        out, stats = fwd({**fixed, **ad}, x, k, part)
+        return task_loss(out, y, spec.loss), stats
 
     outs = []  # query predictions after each step, kept only for plots (`spec.keep_outputs`)
 

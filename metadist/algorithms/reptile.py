@@ -11,7 +11,8 @@ from functools import partial
 
 import torch
 
-from metadist.algorithms.adaptation import Forward, bn_aux, inner_grad, inner_update, model_params, task_loss
+from metadist.algorithms.adaptation import (Forward, bn_aux, inner_grad, inner_update, model_params, support_batch,
+                                            task_loss)
 from metadist.algorithms.batching import map_tasks
 from metadist.algorithms.spec import InnerSpec
 from metadist.episode import Episode
@@ -25,8 +26,9 @@ def _task(model, spec: InnerSpec, params, xs, ys, xq, yq):
     w = dict(theta)
 
     def loss_at(p, k):
-        out, stats = fwd(p, xs, k)
-        return task_loss(out, ys, spec.loss), stats
+        x, y = support_batch(xs, ys, k, spec)
+        out, stats = fwd(p, x, k)
+        return task_loss(out, y, spec.loss), stats
 
     opt_state = None
     before = task_loss(fwd(w, xq, 0)[0], yq, spec.loss) if spec.report_before else None

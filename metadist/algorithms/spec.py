@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
+
 TASK_PARALLEL = ("vmap", "loop")
 
 
@@ -50,6 +52,8 @@ class InnerSpec:
     """`pg`: the discount of the returns behind the baseline and the advantages."""
     gae_lambda: float = 1.0
     """`pg`: generalised advantage estimation's lambda."""
+    batches: tuple[tuple[int, ...], ...] | None = None
+    """Support indices each inner step takes (`minibatch_order`); None: the whole support set each step."""
     keep_outputs: bool = False
     """With `track`, also return the query predictions after every inner step (`out_steps`), for plots
     drawn from exactly the adaptation that evaluation runs."""
@@ -86,6 +90,29 @@ def msl_weights(steps: int, outer_step: int, anneal_steps: int) -> tuple[float, 
     return tuple(w)
 
 
+def minibatch_order(n: int, batch: int, steps: int, seed: int) -> tuple[tuple[int, ...], ...]:
+    """`steps` mini-batches of `batch` indices into a support set of `n`, as the Reptile code draws them
+    without replacement: the set in a random order, taken `batch` at a time, and a new random order when it
+    runs out (a batch may span two orders). A pure function of `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    order: list[tuple[int, ...]] = []
+    current: list[int] = []
+    while len(order) < steps:
+        for i in torch.randperm(n, generator=gen).tolist():
+            current.append(i)
+            if len(current) == batch:
+                order.append(tuple(current))
+                current = []
+                if len(order) == steps:
+                    break
+    return tuple(order)
+
+
+# Seeds of the mini-batch orders: (run seed, outer step) in training, a salt of their own at test time.
+_ORDER_STRIDE = 1 << 32
+_EVAL_ORDER = _ORDER_STRIDE - 1
+
+
 def make_spec(cfg, outer_step: int = 0, track: bool = False, task_parallel: str | None = None) -> InnerSpec:
     """The spec for training step `outer_step` of run config `cfg`. `task_parallel` is the resolved mode
     when the config says `auto`."""
@@ -111,6 +138,8 @@ def make_spec(cfg, outer_step: int = 0, track: bool = False, task_parallel: str 
         inner_optimizer=algo.reptile_optimizer if algo.name == "reptile" else "sgd",
         gamma=cfg.rl.gamma,
         gae_lambda=cfg.rl.gae_lambda,
+        batches=(minibatch_order(cfg.support_size(cfg.task.shots), cfg.inner.batch, cfg.inner.steps,
+                                 cfg.seed * _ORDER_STRIDE + outer_step) if cfg.inner.batch else None),
     )
 
 
@@ -118,7 +147,10 @@ def make_eval_spec(cfg, steps: int | None = None, task_parallel: str | None = No
     """The spec for test-time adaptation: `eval.steps` steps at `eval.lr`, statistics per step."""
     spec = make_spec(cfg, outer_step=cfg.train.steps, track=True, task_parallel=task_parallel)
     lr = cfg.eval.lr or cfg.inner.lr
-    return spec.with_(steps=cfg.eval.steps if steps is None else steps,
+    steps = cfg.eval.steps if steps is None else steps
+    batches = (minibatch_order(cfg.support_size(cfg.eval.shots or cfg.task.shots), cfg.eval.inner_batch, steps,
+                               cfg.seed * _ORDER_STRIDE + _EVAL_ORDER) if cfg.eval.inner_batch else None)
+    return spec.with_(steps=steps, batches=batches,
                       lr=lr, later_lr=lr * cfg.eval.later_lr_scale, first_order=True, msl_weights=None,
                       bn_eval=spec.bn == "per_step", chunk=cfg.eval.batch,
                       # Reptile adapts test tasks with its own inner optimizer, as its code does (Adam at

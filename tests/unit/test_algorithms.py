@@ -17,8 +17,8 @@ from torch.func import functional_call
 from metadist.algorithms import (ALGORITHMS, adapt_curve, init_meta_params, make_eval_spec, make_spec,
                                  msl_weights)
 from metadist.algorithms.adaptation import adapt
-from metadist.algorithms.spec import InnerSpec
-from metadist.config import from_dict
+from metadist.algorithms.spec import InnerSpec, minibatch_order
+from metadist.config import ConfigError, from_dict
 from metadist.models import build_model
 from metadist.models.mlp import MLP
 from metadist.episode import Episode
@@ -299,6 +299,71 @@ def test_reptile_evaluates_with_its_inner_optimizer(optimizer, mode):
             opt.step()
         expected.append(F.mse_loss(net(batch.xq[t]), batch.yq[t]).detach())
         torch.testing.assert_close(curve[t], torch.stack(expected), **TIGHT)
+
+
+def test_minibatch_order_is_the_reptile_codes_draw_without_replacement():
+    order = minibatch_order(10, 4, 6, seed=3)
+    assert len(order) == 6 and all(len(b) == 4 for b in order)
+    flat = [i for b in order for i in b]
+    # 24 draws: two whole passes over the 10 examples, each a permutation, then 4 of a third.
+    assert sorted(flat[:10]) == sorted(flat[10:20]) == list(range(10)) and len(set(flat[20:])) == 4
+    assert order == minibatch_order(10, 4, 6, seed=3) and order != minibatch_order(10, 4, 6, seed=4)
+
+
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_reptile_with_inner_batches_matches_adam_steps_on_those_batches(mode):
+    # The Reptile code's inner loop: each Adam step on the next mini-batch of the support set; and its
+    # test tasks adapted the same way (eval.inner_batch).
+    cfg = sine_cfg("algorithm.name=reptile", "inner.steps=4", "algorithm.reptile_optimizer=adam", "task.shots=6",
+                   "inner.batch=4", "eval.inner_batch=3", "eval.steps=3", "eval.lr=0.05",
+                   f"algorithm.task_parallel={mode}")
+    model, batch = tiny_mlp(), sine_batch(3, shots=6)
+    params = meta_params(model, cfg)
+    spec, eval_spec = make_spec(cfg, outer_step=7), make_eval_spec(cfg)
+    assert spec.batches == minibatch_order(6, 4, 4, seed=7) and len(eval_spec.batches) == 3
+    grads, _ = ALGORITHMS["reptile"](model, params, batch, spec)
+    curve = adapt_curve(model, params, batch, eval_spec)["loss"]
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    for t in range(batch.num_tasks):
+        for batches, lr, out in ((spec.batches, 0.02, "grad"), (eval_spec.batches, 0.05, "curve")):
+            net = copy.deepcopy(model)
+            net.load_state_dict(params)
+            opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.0, 0.999), eps=1e-8)
+            for idx in batches:
+                opt.zero_grad()
+                F.mse_loss(net(batch.xs[t][list(idx)]), batch.ys[t][list(idx)]).backward()
+                opt.step()
+            if out == "grad":
+                for k, w in net.named_parameters():
+                    total[k] += params[k] - w.detach()
+            else:
+                torch.testing.assert_close(curve[t, -1], F.mse_loss(net(batch.xq[t]), batch.yq[t]).detach(), **TIGHT)
+    assert_grads_close(grads, total, rtol=1e-9, atol=1e-12)
+    whole, _ = ALGORITHMS["reptile"](model, params, batch, make_spec(sine_cfg(
+        "algorithm.name=reptile", "inner.steps=4", "algorithm.reptile_optimizer=adam", "task.shots=6")))
+    assert max_diff(grads, whole) > 1e-6  # the batches matter
+
+
+def test_image_inner_batches_agree_between_task_modes():
+    # Conv-4 with transductive BatchNorm over each mini-batch: vmap and the loop take the same batches.
+    out = {}
+    for mode in ("vmap", "loop"):
+        cfg = conv_cfg("algorithm.name=reptile", "inner.steps=3", "inner.batch=4", f"algorithm.task_parallel={mode}")
+        model = tiny_conv(cfg)
+        out[mode], _ = ALGORITHMS["reptile"](model, meta_params(model, cfg), image_batch(), make_spec(cfg))
+    assert_grads_close(out["vmap"], out["loop"], rtol=1e-9, atol=1e-12)
+    assert scale(out["vmap"]) > 1e-6
+
+
+def test_inner_batches_beyond_the_support_set_are_one_config_error():
+    with pytest.raises(ConfigError, match=r"inner.batch: 11 is more than the support set \(10 examples\); allowed: 0 to 10"):
+        sine_cfg("inner.batch=11")
+    with pytest.raises(ConfigError, match=r"eval.inner_batch: 6 is more than the support set \(5 examples\)"):
+        sine_cfg("eval.inner_batch=6", "eval.shots=5")
+    with pytest.raises(ConfigError, match=r"inner.batch: 7 is more than the support set \(6 examples"):
+        conv_cfg("inner.batch=7")  # 3 ways x 2 shots
+    with pytest.raises(ConfigError, match="inner.batch: pretrain has no inner loop"):
+        sine_cfg("inner.batch=5", "algorithm.name=pretrain")
 
 
 def test_reptile_optimizer_applies_to_reptile_only():
