@@ -6,8 +6,9 @@ Each run folder is one `metadist train jobs/rl/{maml,pretrain}-navigation.yaml` 
 holds its test evaluation. In place of a folder, a summary of `metadist eval <run> --summary-json F`
 (a checkpoint scored at another test-time rate, say) gives that evaluation. The random row of a seed is
 the evaluation of that run's initial policy (`eval_initial.json` when the run was recorded, else
-computed here from its config: the same seed gives the same initial parameters). Prints a markdown table (mean ± 95% CI over the test goals, per
-seed, and the median over seeds) and writes the adaptation curves, with CI bands, to `--out`.
+computed here from its config: the same seed gives the same initial parameters). Prints a markdown
+table (mean ± 95% CI over the test goals, per seed, and the median over seeds) and writes the
+adaptation curves, with CI bands, to `--out`.
 
     python bench/navigation.py --maml runs/maml-navigation-A runs/maml-navigation-B \
         --pretrained runs/pretrain-navigation-C pretrain-D-eval.json [--out navigation.png]
@@ -52,12 +53,6 @@ def row_label(seed: int, report: dict) -> str:
     return f"seed {seed}, rate {report['lr']:g}, {report['shots']} trajectories"
 
 
-def load(path: Path) -> tuple[int, dict]:
-    """The seed and the evaluation report of a run folder or of a `metadist eval` summary."""
-    cfg, report = read_finished_run(path)
-    return cfg.seed, report
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--maml", nargs="+", type=Path, required=True, help="MAML run folders, one per seed")
@@ -68,22 +63,23 @@ def main() -> None:
     args = parser.parse_args()
     if any(not o.startswith("eval.") for o in args.overrides):
         parser.error("--set takes eval.* keys only")
+    finished = {}  # each run's (config, test evaluation), read once
     for run in [*args.maml, *args.pretrained]:
         try:
-            read_finished_run(run)
+            finished[run] = read_finished_run(run)
         except ValueError as err:
             parser.error(str(err))
 
     results: dict[str, list[tuple[str, list[tuple[float, float]]]]] = {"MAML": [], "pretrained": [], "random": []}
     for run in args.maml:
-        seed, report = load(run)
-        results["MAML"].append((row_label(seed, report), rows(report)))
+        cfg, report = finished[run]
+        results["MAML"].append((row_label(cfg.seed, report), rows(report)))
         if run.is_dir():  # the random row: this run's initial policy
             initial = initial_report(run, args.overrides)
-            results["random"].append((row_label(seed, initial), rows(initial)))
+            results["random"].append((row_label(cfg.seed, initial), rows(initial)))
     for run in args.pretrained:
-        seed, report = load(run)
-        results["pretrained"].append((row_label(seed, report), rows(report)))
+        cfg, report = finished[run]
+        results["pretrained"].append((row_label(cfg.seed, report), rows(report)))
 
     print("| policy | run | after 0 | after 1 | after 2 | after 3 |")
     print("|---|---|---|---|---|---|")
