@@ -478,9 +478,23 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _renamed(data: Any) -> Any:
+    """`data` with the keys of earlier versions under their current names, so that run folders and
+    checkpoints written before a rename still load: `outer.cosine: true|false` is `outer.schedule:
+    cosine|constant`."""
+    outer = data.get("outer") if isinstance(data, dict) else None
+    if not isinstance(outer, dict) or "cosine" not in outer or "schedule" in outer:
+        return data
+    cosine = outer["cosine"]
+    if not isinstance(cosine, bool):
+        raise ConfigError(f"outer.cosine: got {cosine!r}; allowed: true or false (now outer.schedule)")
+    outer = {k: v for k, v in outer.items() if k != "cosine"} | {"schedule": "cosine" if cosine else "constant"}
+    return {**data, "outer": outer}
+
+
 def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Validate a nested dict (plus `a.b=c` overrides) into a Config, or raise one ConfigError."""
-    data = data or {}
+    data = _renamed(data or {})
     _check_keys(data, Config)  # first: it also rejects a job whose top level is not a mapping
     data = copy.deepcopy(dict(data))  # the overrides below must not change the caller's dict
     for text in overrides:

@@ -91,6 +91,17 @@ def test_from_dict_copies_the_callers_dict():
     assert cfg.inner.lr == 0.5 and cfg.model.hidden == [8]
     assert data == {"inner": {"lr": 0.1}, "model": {"hidden": [4]}}
 
+
+def test_run_configs_written_before_outer_schedule_still_load():
+    # Run folders and checkpoints of earlier versions hold `outer.cosine`; it reads as the schedule it meant.
+    old = {"outer": {"optimizer": "sgd", "cosine": True, "min_lr": 0.0}}
+    assert from_dict(old).outer.schedule == "cosine" and old["outer"]["cosine"] is True
+    assert from_dict({"outer": {"cosine": False}}).outer.schedule == "constant"
+    with pytest.raises(ConfigError, match="outer.cosine: got 'yes'; allowed: true or false"):
+        from_dict({"outer": {"cosine": "yes"}})
+    with pytest.raises(ConfigError, match="unknown key 'outer.cosine'"):
+        from_dict({"outer": {"cosine": True, "schedule": "linear"}})  # both: one of them is a mistake
+
 def test_job_name_defaults_to_the_file_stem(tmp_path):
     assert load_config(write(tmp_path, "seed: 1\n", "sine-maml.yaml")).name == "sine-maml"
     assert load_config(write(tmp_path, "", "empty.yaml")) == dataclasses.replace(Config(), name="empty")
