@@ -646,9 +646,12 @@ def evaluate_checkpoint(path, episodes=None, steps=None, console: Console | None
             raise ConfigError(f"{key}: only eval.* keys can change for an evaluation of a trained checkpoint "
                               f"(the rest is what the run trained with)")
     cfg = from_dict(state["config"], overrides)
-    trainer = Trainer(cfg, run_dir=Path(path).parent if Path(path).is_file() else Path(path),
+    # The network is built as it was trained (Conv-4 sizes its per-step BatchNorm statistics by eval.steps,
+    # and a later test step reuses the last row), then evaluated under the overridden settings.
+    trainer = Trainer(from_dict(state["config"]), run_dir=Path(path).parent if Path(path).is_file() else Path(path),
                       console=console)
     trainer.load_state(state)
+    trainer.cfg = cfg
     step = trainer.use_selected()
     report = trainer.report(episodes=episodes, steps=steps)
     print_eval(report, title=f"{cfg.name} (step {step})", console=trainer.console)

@@ -15,6 +15,8 @@ from metadist.evaluation import EXPLODED_FACTOR, print_eval, report_of, summaris
 from metadist.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metadist.runtime.driver import Trainer, TrainingDiverged, evaluate_checkpoint, read_history
 
+from ..conftest import sine_config
+
 
 def _fit(cfg):
     trainer = Trainer(cfg)
@@ -169,6 +171,20 @@ def test_evaluating_a_checkpoint_leaves_its_run_as_it_was(sine_debug):
     evaluate_checkpoint(mid, episodes=5, steps=1)
     after = {p.name: p.read_bytes() for p in trainer.run_dir.iterdir() if p.is_file()}
     assert after == before and len(before["metrics.jsonl"].splitlines()) == 5
+
+
+def test_a_conv4_checkpoint_evaluates_with_other_test_time_steps(tmp_path):
+    # Conv-4 keeps a row of BatchNorm statistics per step up to eval.steps: evaluating its checkpoint with
+    # another eval.steps used to fail loading them (a size mismatch) instead of evaluating.
+    cfg = sine_config(tmp_path, "task.family=noise", "task.ways=3", "task.shots=1", "task.query=2",
+                      "model.name=conv4", "model.filters=4", "model.channels=1", "model.image_size=16",
+                      "model.bn=per_step", "train.steps=4", "train.log_every=2", "eval.episodes=4",
+                      "tracking.enabled=false")
+    _, summary = _fit(cfg)
+    for steps in (1, 6):
+        report = evaluate_checkpoint(summary["checkpoint"], overrides=[f"eval.steps={steps}"])["eval"]
+        assert [r["steps"] for r in report["rows"]] == list(range(steps + 1))
+    assert evaluate_checkpoint(summary["checkpoint"])["eval"]["rows"] == summary["eval"]["rows"]
 
 
 def test_auto_is_resolved_once_for_training_and_evaluation(sine_debug, monkeypatch):
