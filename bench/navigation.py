@@ -53,14 +53,14 @@ def row_label(seed: int, report: dict) -> str:
     return f"seed {seed}, rate {report['lr']:g}, {report['shots']} trajectories"
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--maml", nargs="+", type=Path, required=True, help="MAML run folders, one per seed")
     parser.add_argument("--pretrained", nargs="*", type=Path, default=[], help="pretrain run folders")
     parser.add_argument("--out", type=Path, default=Path("navigation.png"), help="the figure's PNG file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="eval.KEY=VALUE",
                         help="evaluate the random rows with these eval.* settings (repeatable)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if any(not o.startswith("eval.") for o in args.overrides):
         parser.error("--set takes eval.* keys only")
     finished = {}  # each run's (config, test evaluation), read once
