@@ -102,6 +102,7 @@ def test_run_configs_written_before_outer_schedule_still_load():
     with pytest.raises(ConfigError, match="unknown key 'outer.cosine'"):
         from_dict({"outer": {"cosine": True, "schedule": "linear"}})  # both: one of them is a mistake
 
+
 def test_job_name_defaults_to_the_file_stem(tmp_path):
     assert load_config(write(tmp_path, "seed: 1\n", "sine-maml.yaml")).name == "sine-maml"
     assert load_config(write(tmp_path, "", "empty.yaml")) == dataclasses.replace(Config(), name="empty")
