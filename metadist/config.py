@@ -11,7 +11,7 @@ import copy
 import dataclasses
 from dataclasses import field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, get_args
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
@@ -90,9 +90,10 @@ class TaskConfig:
 
 @dataclass(config=STRICT)
 class ModelConfig:
-    name: Literal["mlp", "conv4", "policy"] = "mlp"
+    name: Literal["mlp", "conv4", "resnet12", "policy"] = "mlp"
     """Network: `mlp` (regression, 1-40-40-1 ReLU by default), `conv4` (four conv blocks + linear head),
-    or `policy` (navigation, locomotion: a ReLU MLP giving a Gaussian's mean, with a learned state-independent log
+    `resnet12` (four residual blocks of three convolutions, 64-160-320-640 wide by default, leaky ReLU,
+    global average pooling and a linear head: about 12.4M parameters), or `policy` (navigation, locomotion: a ReLU MLP giving a Gaussian's mean, with a learned state-independent log
     standard deviation)."""
     hidden: list[PositiveInt] = field(default_factory=lambda: [40, 40])
     """Hidden layer widths of the MLP and the policy (the MAML paper's policy: [100, 100])."""
@@ -119,6 +120,18 @@ class ModelConfig:
     statistics and updates them, evaluation normalises with the running statistics of that step."""
     bn_momentum: Annotated[float, Field(gt=0, le=1)] = 0.1
     """Momentum of the per-step running statistics (per_step only)."""
+    bn_weights: Literal["shared", "per_step"] = "shared"
+    """BatchNorm weights and biases: one set for every inner step (`shared`), or one per inner step
+    (`per_step`, MAML++'s BNWB: step k normalises with its own affine map; test-time steps beyond the
+    trained ones take the last). conv4 and resnet12."""
+    widths: list[PositiveInt] = field(default_factory=lambda: [64, 160, 320, 640])
+    """ResNet-12's four block widths."""
+    drop_rate: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """ResNet-12 DropBlock: the fraction of units dropped in the last two blocks during meta-training (0:
+    off; never at test time). The masks come from torch's generator, seeded by (seed, step, the shard's
+    first task): bit-identical for the same number of workers, different for another number."""
+    drop_block_size: PositiveInt = 5
+    """ResNet-12 DropBlock: the side of the dropped squares (capped at the feature map)."""
 
 
 @dataclass(config=STRICT)
@@ -150,6 +163,12 @@ class InnerConfig:
     """Inner-loop (adaptation) learning rate alpha; also the initial value of learned rates."""
     steps: PositiveInt = 1
     """Inner-loop gradient steps during meta-training."""
+    checkpoint: Union[bool, Literal["auto"]] = False
+    """Memory-bounded second order. `true`: each inner step (and each multi-step-loss query) keeps only its
+    input weights and recomputes its activations in the backward pass, so memory no longer grows by a
+    step's activations per inner step; the meta-gradient is the same. Tasks then run one at a time
+    (`task_parallel` loop). `auto`: true when the estimated peak of one task does not fit the device's
+    free memory (see docs/memory.md)."""
     batch: NonNegInt = 0
     """Support examples per inner step (the Reptile code's inner batch): each step takes the next `batch`
     of the support set in a shuffled order, and a new order starts when it runs out (a pure function of
@@ -258,6 +277,10 @@ class RuntimeConfig:
     """torch intra-op threads per process; 0 keeps torch's default."""
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     """Device for the inner loops: `auto` takes CUDA where available."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Arithmetic of the inner and outer forward passes: `fp32`, or `bf16` (autocast: convolutions and
+    matrix products in bfloat16; the meta-parameters, the losses, BatchNorm statistics and the outer
+    optimizer stay float32)."""
     address: Optional[str] = None
     """Ray cluster to join (`auto`, `host:port`, or `ray://host:port`); empty starts a local Ray in this
     process, sized for the workers."""
@@ -350,9 +373,20 @@ class Config:
             (self.model.name == "mlp" and self.task.family != "sinusoid",
              "model.name", "mlp is for sinusoid regression; use conv4 for fewshot and noise, policy for "
              "navigation and locomotion"),
-            (self.model.name == "conv4" and (self.task.family == "sinusoid" or rl),
-             "model.name", "conv4 is for fewshot classification; use mlp for sinusoid, policy for navigation "
-             "and locomotion"),
+            (self.model.name in ("conv4", "resnet12") and (self.task.family == "sinusoid" or rl),
+             "model.name", f"{self.model.name} is for fewshot classification; use mlp for sinusoid, policy "
+             "for navigation and locomotion"),
+            (self.model.bn_weights == "per_step" and self.model.name not in ("conv4", "resnet12"),
+             "model.bn_weights", f"'per_step' is for the BatchNorm of conv4 and resnet12; allowed for "
+             f"{self.model.name!r}: shared"),
+            (len(self.model.widths) != 4 and self.model.name == "resnet12", "model.widths",
+             f"{self.model.widths}: ResNet-12 has four blocks; allowed: four widths"),
+            (self.inner.checkpoint is not False and (rl or self.algorithm.name in ("fomaml", "reptile", "pretrain")),
+             "inner.checkpoint", f"bounds the memory of second-order inner loops, which "
+             f"{'reinforcement learning' if rl else repr(self.algorithm.name)} does not keep; allowed: false"),
+            (self.inner.checkpoint is True and self.algorithm.task_parallel == "vmap", "inner.checkpoint",
+             "true recomputes inner steps with torch.utils.checkpoint, which torch.func transforms (vmap) "
+             "cannot take; allowed with algorithm.task_parallel vmap: false (or set task_parallel loop or auto)"),
             (rl != (self.model.name == "policy"), "model.name",
              f"{self.model.name!r} with task.family {self.task.family!r}: navigation and locomotion take "
              "the model 'policy', and 'policy' is for them only"),

@@ -18,6 +18,7 @@ from contextvars import ContextVar
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
+from torch.utils.checkpoint import checkpoint
 
 from metadist.algorithms.spec import InnerSpec
 
@@ -114,19 +115,25 @@ def support_batch(xs: torch.Tensor, ys: torch.Tensor, k: int, spec: InnerSpec):
 
 
 class Forward:
-    """Calls the model functionally for one task, in the BatchNorm mode the spec asks for."""
+    """Calls the model functionally for one task, in the BatchNorm mode and precision the spec asks for,
+    with its training-time regularisation (DropBlock) when the spec is a training one."""
 
     def __init__(self, model: torch.nn.Module, spec: InnerSpec):
         self.model = model
-        self.bn = "running" if spec.bn_eval else "batch"
+        self.kwargs = {"bn": "running" if spec.bn_eval else "batch", "stats": spec.collect_bn}
+        if spec.drop and getattr(model, "drop_rate", 0) > 0:
+            self.kwargs["drop"] = True
         self.collect = spec.collect_bn
+        self.bf16 = spec.precision == "bf16"
 
     def __call__(self, params: Tensors, x: torch.Tensor, step: int, part: str = "all"):
-        out = functional_call(self.model, params, (x,),
-                              {"step": step, "bn": self.bn, "part": part, "stats": self.collect})
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = functional_call(self.model, params, (x,), {"step": step, "part": part, **self.kwargs})
         # Calls that pass through no BatchNorm (the head alone, an MLP) return a bare tensor even when
         # statistics are asked for.
-        return out if self.collect and isinstance(out, tuple) else (out, [])
+        out, stats = out if self.collect and isinstance(out, tuple) else (out, [])
+        # Losses (and ANIL's cached features) are float32 under bf16 autocast, as the meta-parameters are.
+        return (out.to(x.dtype) if self.bf16 else out), stats
 
 
 def adapt(model: torch.nn.Module, params: Tensors, xs, ys, xq, yq, spec: InnerSpec):
@@ -175,16 +182,32 @@ def adapt(model: torch.nn.Module, params: Tensors, xs, ys, xq, yq, spec: InnerSp
             loss0, acc0, _ = query(fast, 0)
         losses.append(loss0)
         accs.append(acc0)
-    for k in range(spec.steps):
+    def inner_step(params: Tensors, fast: Tensors, k: int, opt_state):
         ad = {n: fast[n] for n in adapted}
         g, stats = inner_grad(support_loss, ad, fast, k, create_graph=not spec.first_order)
-        bn_stats.append(stats)
         if spec.first_order:
             g = {n: v.detach() for n, v in g.items()}
         stepped, opt_state = inner_update(params, ad, g, k, spec, opt_state)
+        return stepped, opt_state, stats
+
+    for k in range(spec.steps):
+        if spec.checkpoint:
+            # Memory-bounded second order: only the step's inputs are kept; its activations (and those of
+            # its inner gradient's graph) are recomputed when the meta-gradient's backward reaches it.
+            # The tensors go in as arguments, not a closure, so checkpoint sees their devices and
+            # replays the random state (DropBlock) and autocast of the first pass exactly.
+            stepped, opt_state, stats = checkpoint(inner_step, params, fast, k, opt_state, use_reentrant=False)
+        else:
+            stepped, opt_state, stats = inner_step(params, fast, k, opt_state)
+        bn_stats.append(stats)
         fast = {**fast, **stepped}
-        if need_every_step or k == spec.steps - 1:
-            loss_k, acc_k, stats = query(fast, k + 1)
+        last = k == spec.steps - 1
+        if need_every_step or last:
+            if spec.checkpoint and not last and not spec.keep_outputs:
+                # A multi-step-loss query is recomputed too, or every step would keep a query batch's activations.
+                loss_k, acc_k, stats = checkpoint(query, fast, k + 1, use_reentrant=False)
+            else:
+                loss_k, acc_k, stats = query(fast, k + 1)
             losses.append(loss_k)
             accs.append(acc_k)
     if spec.steps and spec.collect_bn:
@@ -227,5 +250,9 @@ def bn_aux(rows: list) -> dict[str, torch.Tensor]:
     """
     if not rows or not rows[0]:
         return {}
-    return {"bn_mean": torch.stack([torch.stack([m for m, _ in r]) for r in rows]),
-            "bn_var": torch.stack([torch.stack([v for _, v in r]) for r in rows])}
+    # Layers of different widths (ResNet-12) are zero-padded to the widest; each reads back its own.
+    width = max(m.shape[0] for m, _ in rows[0])
+
+    def stacked(i: int) -> torch.Tensor:
+        return torch.stack([torch.stack([F.pad(s[i], (0, width - s[i].shape[0])) for s in r]) for r in rows])
+    return {"bn_mean": stacked(0), "bn_var": stacked(1)}

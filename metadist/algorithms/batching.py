@@ -69,8 +69,9 @@ def sum_of_grads(task_objective: Callable, params: Tensors, batch: Episode, spec
     aux: Tensors | None = None
     leaves = _leaves(params)
     with torch.enable_grad():
-        if spec.task_parallel == "loop":
-            # One task at a time, plain autograd throughout. One backward per task rather than over the
+        if spec.task_parallel == "loop" or spec.checkpoint:
+            # One task at a time, plain autograd throughout (torch.func transforms cannot recompute a
+            # checkpointed step's saved tensors). One backward per task rather than over the
             # summed objective: the same work, and only one task's graph (a Conv-4 query batch of
             # activations per inner step) is alive at a time.
             with plain_autograd():
@@ -81,7 +82,7 @@ def sum_of_grads(task_objective: Callable, params: Tensors, batch: Episode, spec
 
         # One backward through the whole chunk: the gradient w.r.t. the shared parameters is summed over
         # tasks by autograd itself, without materialising per-task gradients.
-        mapped = vmap(task_objective, in_dims=(None,) + (0,) * len(batch.tensors()))
+        mapped = vmap(task_objective, in_dims=(None,) + (0,) * len(batch.tensors()), randomness="different")
         for part in batch.chunks(spec.chunk):
             obj, a = mapped(leaves, *part.tensors())
             grads, aux = _add(grads, _grads_of(obj.sum(), leaves)), _add(aux, _sum0(_detached(a)))
@@ -94,7 +95,7 @@ def map_tasks(task_fn: Callable, params: Tensors, batch: Episode, spec: InnerSpe
         with plain_autograd():
             outs = [task_fn(params, *_task(batch, t)) for t in range(batch.num_tasks)]
         return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
-    mapped = vmap(task_fn, in_dims=(None,) + (0,) * len(batch.tensors()))
+    mapped = vmap(task_fn, in_dims=(None,) + (0,) * len(batch.tensors()), randomness="different")
     parts = [mapped(params, *part.tensors()) for part in batch.chunks(spec.chunk)]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 

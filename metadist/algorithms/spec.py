@@ -33,7 +33,7 @@ class InnerSpec:
     """Report the query loss (and accuracy) before adaptation. It costs one extra query forward per task,
     about a tenth of a Conv-4 meta-gradient, so the trainer asks for it on logging steps only."""
     bn: str = "transductive"
-    """BatchNorm mode: `transductive` or `per_step` (see metadist.models.conv4)."""
+    """BatchNorm mode: `transductive` or `per_step` (see metadist.models.norm)."""
     bn_eval: bool = False
     """Normalise with per-step running statistics (per_step mode at test time)."""
     task_parallel: str = "vmap"
@@ -54,6 +54,14 @@ class InnerSpec:
     """`pg`: generalised advantage estimation's lambda."""
     batches: tuple[tuple[int, ...], ...] | None = None
     """Support indices each inner step takes (`minibatch_order`); None: the whole support set each step."""
+    checkpoint: bool = False
+    """Recompute each inner step's activations in the backward pass instead of keeping them (memory no
+    longer grows with the steps; the meta-gradient is the same). It needs plain autograd, so the
+    meta-gradient then takes the tasks one at a time whatever `task_parallel` says."""
+    precision: str = "fp32"
+    """`fp32`, or `bf16`: forward passes under bfloat16 autocast (parameters and losses stay float32)."""
+    drop: bool = False
+    """Training-time regularisation (ResNet-12's DropBlock) is on: meta-training, never evaluation."""
     keep_outputs: bool = False
     """With `track`, also return the query predictions after every inner step (`out_steps`), for plots
     drawn from exactly the adaptation that evaluation runs."""
@@ -113,9 +121,10 @@ _ORDER_STRIDE = 1 << 32
 _EVAL_ORDER = _ORDER_STRIDE - 1
 
 
-def make_spec(cfg, outer_step: int = 0, track: bool = False, task_parallel: str | None = None) -> InnerSpec:
-    """The spec for training step `outer_step` of run config `cfg`. `task_parallel` is the resolved mode
-    when the config says `auto`."""
+def make_spec(cfg, outer_step: int = 0, track: bool = False, task_parallel: str | None = None,
+              checkpoint: bool | None = None) -> InnerSpec:
+    """The spec for training step `outer_step` of run config `cfg`. `task_parallel` and `checkpoint` are
+    the resolved values where the config says `auto` (an unresolved `inner.checkpoint: auto` is off)."""
     algo = cfg.algorithm
     first_order = algo.name == "fomaml" or outer_step < algo.first_order_until
     loss = "pg" if cfg.task.rl else {"sinusoid": "mse"}.get(cfg.task.family, "ce")
@@ -133,6 +142,9 @@ def make_spec(cfg, outer_step: int = 0, track: bool = False, task_parallel: str 
         track=track,
         bn=getattr(cfg.model, "bn", "transductive"),
         task_parallel=task_parallel or algo.task_parallel,
+        checkpoint=cfg.inner.checkpoint is True if checkpoint is None else checkpoint,
+        precision=cfg.runtime.precision,
+        drop=True,
         chunk=algo.chunk,
         adapt="head" if algo.name == "anil" else "all",
         inner_optimizer=algo.reptile_optimizer if algo.name == "reptile" else "sgd",
@@ -153,6 +165,8 @@ def make_eval_spec(cfg, steps: int | None = None, task_parallel: str | None = No
     return spec.with_(steps=steps, batches=batches,
                       lr=lr, later_lr=lr * cfg.eval.later_lr_scale, first_order=True, msl_weights=None,
                       bn_eval=spec.bn == "per_step", chunk=cfg.eval.batch,
+                      # Test-time adaptation is first order (no graph to bound) and never regularised.
+                      checkpoint=False, drop=False,
                       # Reptile adapts test tasks with its own inner optimizer, as its code does (Adam at
                       # 1e-3 for 50 steps); every other algorithm by gradient descent.
                       inner_optimizer=spec.inner_optimizer)

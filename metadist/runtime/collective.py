@@ -94,6 +94,13 @@ class CollectiveExecutor:
         dist.broadcast_object_list(choice, src=0)
         return choice[0]
 
+    def choose_checkpoint(self, params: Tensors, step: int, spec: InnerSpec, tasks: int) -> bool:
+        """`inner.checkpoint: auto`: every rank measures its own share at once, and takes rank 0's answer."""
+        share = split_tasks(tasks, self.world)[self.rank]
+        choice = [self.shard.choose_checkpoint(params, step, spec, share)]
+        dist.broadcast_object_list(choice, src=0)
+        return choice[0]
+
     def compute(self, params: Tensors, step: int, spec: InnerSpec, tasks: int) -> StepResult:
         start = time.perf_counter()
         grads, sums = self.shard.compute(params, step, spec, split_tasks(tasks, self.world)[self.rank])

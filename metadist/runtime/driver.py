@@ -145,6 +145,8 @@ class Trainer:
         self.tasks = build_tasks(cfg)  # evaluation tasks; training tasks are drawn by the executor
         # `vmap` or `loop` for training and evaluation alike; `auto` is resolved once, at start.
         self.task_parallel = None if cfg.algorithm.task_parallel == "auto" else cfg.algorithm.task_parallel
+        # Checkpointed inner steps: the config's, or (`auto`) whether the first batch's measured peak fits.
+        self.inner_checkpoint = None if cfg.inner.checkpoint == "auto" else cfg.inner.checkpoint
         self.step = 0
         self.last_loss = math.nan
         self.history: list[dict] = []
@@ -215,7 +217,8 @@ class Trainer:
         cfg, step = self.cfg, self.step
         track = self.log_cadence(step + 1, cfg.train.steps)
         # Pre-adaptation metrics cost a query forward per task: only on the steps that log them.
-        spec = make_spec(cfg, step, track=track, task_parallel=self.task_parallel).with_(report_before=track)
+        spec = make_spec(cfg, step, track=track, task_parallel=self.task_parallel,
+                         checkpoint=self.inner_checkpoint).with_(report_before=track)
         start = time.perf_counter()
         result = self.executor.compute(self.params, step, spec, cfg.train.meta_batch)
         sums = result.sums
@@ -358,7 +361,7 @@ class Trainer:
             info = self.executor.describe()
             system = {"ray_version": info.get("ray_version", "-"), "workers": str(info["workers"]),
                       "device_kinds": ",".join(info["devices"]), "torch_version": torch.__version__,
-                      "task_parallel": self.task_parallel}
+                      "task_parallel": self.task_parallel, "inner_checkpoint": str(self.inner_checkpoint)}
             self.tracker.start(self.run_dir, system, self.datasets())
         if self.tracked:
             self.baseline = self._baseline()
@@ -366,14 +369,22 @@ class Trainer:
 
     def resolve_task_parallel(self) -> str:
         """The run's `vmap` or `loop`: the config's, else (`auto`) whichever the executor measured faster
-        on the first batch; without a started executor an in-process one measures it."""
+        on the first batch; without a started executor an in-process one measures it. `inner.checkpoint:
+        auto` is resolved first, the same way (checkpointing then means `loop`)."""
+        if self.inner_checkpoint is not None and self.task_parallel is not None:
+            return self.task_parallel
+        executor = self.executor or LocalExecutor(self.cfg)
+        if self.inner_checkpoint is None:
+            spec = make_spec(self.cfg, self.step, task_parallel="loop", checkpoint=False)
+            self.inner_checkpoint = executor.choose_checkpoint(self.params, self.step, spec, self.cfg.train.meta_batch)
+        if self.task_parallel is None and self.inner_checkpoint:
+            self.task_parallel = "loop"  # checkpointed inner steps need plain autograd: nothing to time
         if self.task_parallel is None:
-            spec = make_spec(self.cfg, self.step, task_parallel="vmap")
-            executor = self.executor or LocalExecutor(self.cfg)
+            spec = make_spec(self.cfg, self.step, task_parallel="vmap", checkpoint=self.inner_checkpoint)
             self.task_parallel = executor.choose_task_parallel(self.params, self.step, spec,
                                                                self.cfg.train.meta_batch)
-            if executor is not self.executor:
-                executor.close()
+        if executor is not self.executor:
+            executor.close()
         return self.task_parallel
 
     def datasets(self) -> list[dict]:
@@ -490,6 +501,7 @@ class Trainer:
             # Procedural tasks are a pure function of (seed, step, index): the step is their cursor.
             "data_cursor": {"workers": self._data_state()},
             "task_parallel": self.task_parallel,
+            "inner_checkpoint": self.inner_checkpoint,
             "worker_restarts": self.worker_restarts,
             "mlflow_run_id": getattr(self.tracker, "run_id", None),
             "best": self.best,
@@ -507,6 +519,8 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.step = state["step"]
         self.task_parallel = self.task_parallel or state.get("task_parallel")
+        if self.inner_checkpoint is None:
+            self.inner_checkpoint = state.get("inner_checkpoint")
         self.restarts_before = state.get("worker_restarts", 0)
         self.best = state.get("best")
         self.resume_data = state.get("data_cursor", {}).get("workers")
@@ -540,7 +554,7 @@ class Trainer:
             "config": to_dict(self.cfg),
             "metrics": {k: v for k, v in final.items() if not isinstance(v, list)},
             "throughput": {"tasks_per_s": self.clock.rate(), "steps_timed": self.clock.steady_steps,
-                           "task_parallel": self.task_parallel},
+                           "task_parallel": self.task_parallel, "inner_checkpoint": self.inner_checkpoint},
             "eval": report,
             "selected_step": self.selected_step,
             "checkpoint": str(checkpoint),

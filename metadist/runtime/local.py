@@ -19,7 +19,9 @@ from metadist.algorithms.spec import InnerSpec
 from metadist.config import Config, ConfigError
 from metadist.evaluation import episode_curves
 from metadist.models import build_model
+from metadist.runtime import memory
 from metadist.tasks import build_tasks
+from metadist.tasks.sinusoid import task_seed
 
 Tensors = dict[str, torch.Tensor]
 
@@ -89,6 +91,25 @@ class TaskShard:
         params = {k: v.to(self.device) for k, v in params.items()}
         return batching.choose_task_parallel(self.algorithm, self.model, params, batch, spec)
 
+    def choose_checkpoint(self, params: Tensors, step: int, spec: InnerSpec, indices: range) -> bool:
+        """Whether this device needs checkpointed inner steps (the config's `inner.checkpoint: auto`): the
+        peak of one task's meta-gradient at 1 and 2 inner steps is measured here, extrapolated to
+        `spec.steps`, and set against the device's free memory (`metadist.runtime.memory`)."""
+        if spec.steps < 2 or spec.first_order:
+            return False  # nothing grows with the steps
+        batch = self._batch(step, indices)
+        self._drawn = (step, indices, batch)
+        params = {k: v.to(self.device) for k, v in params.items()}
+        one, peaks = batch.slice(0, 1), []
+        for k in (1, 2):
+            probe = spec.with_(steps=k, task_parallel="loop", checkpoint=False, report_before=False,
+                               msl_weights=(1 / k,) * k if spec.msl_weights else None,
+                               batches=spec.batches[:k] if spec.batches else None)
+            with memory.PeakMemory(self.device) as peak:
+                self.algorithm(self.model, params, one, probe)
+            peaks.append(peak.peak)
+        return memory.needs_checkpoint(*peaks, spec.steps, memory.free_bytes(self.device))
+
     def compute(self, params: Tensors, step: int, spec: InnerSpec, indices: range) -> tuple[Tensors, Tensors]:
         """Summed meta-gradients and metrics of tasks `indices` of outer step `step`."""
         batch = self._batch(step, indices)
@@ -97,6 +118,12 @@ class TaskShard:
             grads, sums, curvature = maml_rl.trpo_start(self.model, params, batch, spec)
             self._trpo = (step, indices, curvature)
             return grads, sums
+        if getattr(self.model, "drop_rate", 0) > 0:
+            # DropBlock's masks come from torch's generator: seeded by (seed, step, the shard's first
+            # task), so a run, a resumed run and a replaced worker draw the same masks.
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(task_seed(self.cfg.seed, "train", step, indices.start))
+                return self.algorithm(self.model, params, batch, spec)
         return self.algorithm(self.model, params, batch, spec)
 
     def _curvature(self, params: Tensors, step: int, spec: InnerSpec, indices: range) -> maml_rl.Curvature:
@@ -151,6 +178,9 @@ class LocalExecutor:
 
     def choose_task_parallel(self, params: Tensors, step: int, spec: InnerSpec, tasks: int) -> str:
         return self.shard.choose_task_parallel(params, step, spec, range(tasks))
+
+    def choose_checkpoint(self, params: Tensors, step: int, spec: InnerSpec, tasks: int) -> bool:
+        return self.shard.choose_checkpoint(params, step, spec, range(tasks))
 
     def compute(self, params: Tensors, step: int, spec: InnerSpec, tasks: int) -> StepResult:
         start = time.perf_counter()

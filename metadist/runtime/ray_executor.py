@@ -70,6 +70,9 @@ class MetaWorker:
     def choose_task_parallel(self, flat_params: np.ndarray, step: int, spec: InnerSpec, indices: range) -> str:
         return self.shard.choose_task_parallel(self._params(flat_params), step, spec, indices)
 
+    def choose_checkpoint(self, flat_params: np.ndarray, step: int, spec: InnerSpec, indices: range) -> bool:
+        return self.shard.choose_checkpoint(self._params(flat_params), step, spec, indices)
+
     def fvp(self, flat_params: np.ndarray, step: int, spec: InnerSpec, indices: range, flat_v: np.ndarray) -> np.ndarray:
         """TRPO: this worker's summed-KL Hessian-vector product on its tasks of `step`, flat."""
         hv = self.shard.fvp(self._params(flat_params), step, spec, indices, self._params(flat_v))
@@ -202,6 +205,11 @@ class RayExecutor:
         its own device, and every worker then runs the mode it chose."""
         share = split_tasks(tasks, len(self.actors))[0]
         return _get(self.actors[0].choose_task_parallel.remote(self._flat(params), step, spec, share))
+
+    def choose_checkpoint(self, params: Tensors, step: int, spec: InnerSpec, tasks: int) -> bool:
+        """`inner.checkpoint: auto`, resolved once for the run by worker 0 on its share and its device."""
+        share = split_tasks(tasks, len(self.actors))[0]
+        return _get(self.actors[0].choose_checkpoint.remote(self._flat(params), step, spec, share))
 
     def compute(self, params: Tensors, step: int, spec: InnerSpec, tasks: int) -> StepResult:
         start = time.perf_counter()

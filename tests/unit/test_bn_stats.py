@@ -7,7 +7,8 @@ import torch
 
 from metadist.algorithms import ALGORITHMS, InnerSpec
 from metadist.episode import Episode
-from metadist.models.conv4 import Conv4, MetaBatchNorm2d
+from metadist.models.conv4 import Conv4
+from metadist.models.norm import MetaBatchNorm2d
 
 
 def _setup(steps=2, tasks=3):

@@ -50,7 +50,7 @@ def test_train_then_eval_write_summaries(tmp_path):
 def test_bad_inputs_are_one_line_errors(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     cases = [
-        (["train", JOB, "--set", "inner.lrr=0.1"], "unknown key 'inner.lrr'; allowed keys under 'inner': batch, lr, steps"),
+        (["train", JOB, "--set", "inner.lrr=0.1"], "unknown key 'inner.lrr'; allowed keys under 'inner': batch, checkpoint, lr, steps"),
         (["train", JOB, "--set", "inner.lr=-1"], "inner.lr: Input should be greater than 0"),
         (["train", JOB, "--set", "algorithm.name=mamll"], "allowed values: 'maml', 'fomaml'"),
         (["train", JOB, "--set", "inner.steps=abc"], "inner.steps"),

@@ -11,7 +11,9 @@ from torch.func import functional_call
 
 from metadist.config import from_dict
 from metadist.models import MODELS, build_model, head_names
-from metadist.models.conv4 import Conv4, MetaBatchNorm2d
+from metadist.models.conv4 import Conv4
+from metadist.models.norm import MetaBatchNorm2d
+from metadist.models.resnet12 import ResNet12
 from metadist.models.mlp import MLP
 from metadist.models.policy import GaussianPolicy
 
@@ -186,7 +188,7 @@ def test_build_model_conv4_keeps_running_statistics_for_every_step():
 
 
 def test_model_registry_is_keyed_by_config_names():
-    assert set(MODELS) == {"mlp", "conv4", "policy"}
+    assert set(MODELS) == {"mlp", "conv4", "resnet12", "policy"}
     assert type(MODELS["mlp"](from_dict({}))) is MLP
     nav = from_dict({"task": {"family": "navigation"}, "model": {"name": "policy", "hidden": [7], "init_std": 0.5}})
     policy = MODELS["policy"](nav)
@@ -194,3 +196,5 @@ def test_model_registry_is_keyed_by_config_names():
     assert torch.allclose(policy.head.log_std.exp(), torch.tensor([0.5, 0.5]))
     cfg = from_dict({"task": {"family": "noise", "ways": 3}, "model": {"name": "conv4", "image_size": 16}})
     assert type(MODELS["conv4"](cfg)) is Conv4
+    cfg = from_dict({"task": {"family": "noise", "ways": 3}, "model": {"name": "resnet12", "image_size": 16}})
+    assert type(MODELS["resnet12"](cfg)) is ResNet12
