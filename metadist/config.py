@@ -93,8 +93,9 @@ class ModelConfig:
     name: Literal["mlp", "conv4", "resnet12", "policy"] = "mlp"
     """Network: `mlp` (regression, 1-40-40-1 ReLU by default), `conv4` (four conv blocks + linear head),
     `resnet12` (four residual blocks of three convolutions, 64-160-320-640 wide by default, leaky ReLU,
-    global average pooling and a linear head: about 12.4M parameters), or `policy` (navigation, locomotion: a ReLU MLP giving a Gaussian's mean, with a learned state-independent log
-    standard deviation)."""
+    global average pooling and a linear head: about 12.4M parameters), or `policy` (navigation,
+    locomotion: a ReLU MLP giving a Gaussian's mean, with a learned state-independent log standard
+    deviation)."""
     hidden: list[PositiveInt] = field(default_factory=lambda: [40, 40])
     """Hidden layer widths of the MLP and the policy (the MAML paper's policy: [100, 100])."""
     init_std: PositiveFloat = 1.0
@@ -106,9 +107,9 @@ class ModelConfig:
     filters: PositiveInt = 32
     """Conv-4 filters per block (32 for mini-ImageNet, 64 for Omniglot)."""
     channels: PositiveInt = 3
-    """Conv-4 input channels (3 for RGB, 1 for grayscale)."""
+    """Image channels of conv4 and resnet12 (3 for RGB, 1 for grayscale)."""
     image_size: Annotated[int, Field(ge=16)] = 84
-    """Conv-4 input height and width in pixels."""
+    """Image height and width in pixels (conv4, resnet12)."""
     downsample: Literal["pool", "stride"] = "pool"
     """How Conv-4's blocks halve the resolution: `pool` (2x2 max-pooling after each block, the MAML
     paper's mini-ImageNet network) or `stride` (stride-2 convolutions and no pooling, its Omniglot
@@ -371,7 +372,7 @@ class Config:
         rl = self.task.rl
         checks = [
             (self.model.name == "mlp" and self.task.family != "sinusoid",
-             "model.name", "mlp is for sinusoid regression; use conv4 for fewshot and noise, policy for "
+             "model.name", "mlp is for sinusoid regression; use conv4 or resnet12 for fewshot and noise, policy for "
              "navigation and locomotion"),
             (self.model.name in ("conv4", "resnet12") and (self.task.family == "sinusoid" or rl),
              "model.name", f"{self.model.name} is for fewshot classification; use mlp for sinusoid, policy "

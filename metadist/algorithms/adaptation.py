@@ -182,6 +182,7 @@ def adapt(model: torch.nn.Module, params: Tensors, xs, ys, xq, yq, spec: InnerSp
             loss0, acc0, _ = query(fast, 0)
         losses.append(loss0)
         accs.append(acc0)
+
     def inner_step(params: Tensors, fast: Tensors, k: int, opt_state):
         ad = {n: fast[n] for n in adapted}
         g, stats = inner_grad(support_loss, ad, fast, k, create_graph=not spec.first_order)

@@ -6,7 +6,9 @@ Two primitives cover every algorithm:
 - `map_tasks(task_fn, ...)`: per-task outputs stacked on a leading task dimension (Reptile's
   adapted-weight differences, evaluation curves).
 Both honour `spec.task_parallel` and `spec.chunk`; results do not depend on either beyond
-floating-point summation order. `choose_task_parallel` measures which of the two is faster
+floating-point summation order (random draws inside a task, ResNet-12's DropBlock, are per task under
+vmap, `randomness="different"`, and come from the same generator in a different order). Checkpointed
+inner steps (`spec.checkpoint`) always take the loop. `choose_task_parallel` measures which of the two is faster
 (`task_parallel: auto`).
 
 Both paths differentiate the outer objective with plain torch.autograd: the meta-parameters become leaf

@@ -1,7 +1,8 @@
 """Plain nn.Module networks (pure torch; never imports ray, mlflow or webdataset).
 
 Every model names its parameters `body.*` and `head.*` so ANIL can adapt the head alone, and accepts
-`forward(x, step=..., bn=..., part=...)` so one `torch.func.functional_call` serves all algorithms.
+`forward(x, step=..., bn=..., part=...)` so one `torch.func.functional_call` serves all algorithms
+(ResNet-12 also takes `drop=True`, DropBlock, which the training spec asks for).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from metadist.models.conv4 import Conv4
 from metadist.models.mlp import MLP
 from metadist.models.policy import GaussianPolicy
 from metadist.models.resnet12 import ResNet12
+
 
 def _mlp(cfg) -> MLP:
     m = cfg.model

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metadist.models.norm import MetaBatchNorm2d, PerStepNorms
+from metadist.models.norm import MetaBatchNorm2d, PerStepNorms, outside_func_transforms
 
 SLOPE = 0.1
 WIDTHS = (64, 160, 320, 640)
@@ -79,11 +79,16 @@ class ResNet12(PerStepNorms, nn.Module):
             collected.append(s)
             return h
 
+        # In place on the plain-autograd path: BatchNorm's and max-pool's backward keep their inputs, not
+        # their outputs, so the activation overwrites a tensor nothing saved (a wrong in-place would be
+        # autograd's error, never a wrong gradient). Under torch.func transforms, out of place.
+        inplace = outside_func_transforms(x)
         for i, b in enumerate(self.body["blocks"]):
-            h = F.leaky_relu(norm(b["norm1"], b["conv1"](x)), SLOPE)
-            h = F.leaky_relu(norm(b["norm2"], b["conv2"](h)), SLOPE)
+            h = F.leaky_relu(norm(b["norm1"], b["conv1"](x)), SLOPE, inplace=inplace)
+            h = F.leaky_relu(norm(b["norm2"], b["conv2"](h)), SLOPE, inplace=inplace)
             h = norm(b["norm3"], b["conv3"](h))
-            x = F.leaky_relu(F.max_pool2d(h + norm(b["shortcut_norm"], b["shortcut"](x)), 2), SLOPE)
+            x = F.leaky_relu(F.max_pool2d(h + norm(b["shortcut_norm"], b["shortcut"](x)), 2), SLOPE,
+                             inplace=inplace)
             if drop and self.drop_rate > 0 and i >= 2:
                 x = drop_block(x, self.drop_rate, self.drop_block_size)
         x = x.mean(dim=(2, 3))

@@ -10,6 +10,7 @@ each Ray worker actor holds one too (`metadist.runtime.ray_executor`). The maths
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -89,7 +90,8 @@ class TaskShard:
         batch = self._batch(step, indices)
         self._drawn = (step, indices, batch)
         params = {k: v.to(self.device) for k, v in params.items()}
-        return batching.choose_task_parallel(self.algorithm, self.model, params, batch, spec)
+        with self._masks(step, indices):
+            return batching.choose_task_parallel(self.algorithm, self.model, params, batch, spec)
 
     def choose_checkpoint(self, params: Tensors, step: int, spec: InnerSpec, indices: range) -> bool:
         """Whether this device needs checkpointed inner steps (the config's `inner.checkpoint: auto`): the
@@ -105,7 +107,7 @@ class TaskShard:
             probe = spec.with_(steps=k, task_parallel="loop", checkpoint=False, report_before=False,
                                msl_weights=(1 / k,) * k if spec.msl_weights else None,
                                batches=spec.batches[:k] if spec.batches else None)
-            with memory.PeakMemory(self.device) as peak:
+            with memory.PeakMemory(self.device) as peak, self._masks(step, indices):
                 self.algorithm(self.model, params, one, probe)
             peaks.append(peak.peak)
         return memory.needs_checkpoint(*peaks, spec.steps, memory.free_bytes(self.device))
@@ -118,13 +120,20 @@ class TaskShard:
             grads, sums, curvature = maml_rl.trpo_start(self.model, params, batch, spec)
             self._trpo = (step, indices, curvature)
             return grads, sums
-        if getattr(self.model, "drop_rate", 0) > 0:
-            # DropBlock's masks come from torch's generator: seeded by (seed, step, the shard's first
-            # task), so a run, a resumed run and a replaced worker draw the same masks.
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                torch.manual_seed(task_seed(self.cfg.seed, "train", step, indices.start))
-                return self.algorithm(self.model, params, batch, spec)
-        return self.algorithm(self.model, params, batch, spec)
+        with self._masks(step, indices):
+            return self.algorithm(self.model, params, batch, spec)
+
+    @contextmanager
+    def _masks(self, step: int, indices: range):
+        """DropBlock's masks come from torch's generator: within this block it is seeded by (seed, step,
+        the shard's first task), so a run, a resumed run and a replaced worker draw the same masks, and
+        the process's own generator (the driver's, with the local executor) is left as it was."""
+        if getattr(self.model, "drop_rate", 0) == 0:
+            yield
+            return
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(task_seed(self.cfg.seed, "train", step, indices.start))
+            yield
 
     def _curvature(self, params: Tensors, step: int, spec: InnerSpec, indices: range) -> maml_rl.Curvature:
         # A replaced worker has none: it samples again from the step's parameters (the trajectories are a

@@ -170,3 +170,19 @@ def test_resumed_image_run_continues_bit_for_bit(synth, tmp_path, clean):
     assert resumed.step == 5 and resumed.resume_data == [None, None]  # by index: the step is the position
     resumed.fit(progress=False)
     assert all(torch.equal(resumed.params[k], clean.params[k]) for k in clean.params)
+
+
+@pytest.mark.slow
+def test_resnet12_job_runs_on_actors_and_on_ranks_alike(synth, tmp_path, local_ray):
+    """The ResNet-12 MAML debug job (checkpointed inner steps), with DropBlock on: 2 worker actors and 2
+    collective ranks compute the same shards, draw the same DropBlock masks (seeded by the shard), and
+    end with the same parameters bit for bit (a + b = b + a); the checkpoint setting is in the summary."""
+    over = ["train.steps=2", "eval.episodes=4", "eval.steps=1", "model.drop_rate=0.1"]
+    actors = Trainer(_cfg("maml-resnet12", synth, tmp_path / "actors", *over))
+    initial = {k: v.clone() for k, v in actors.params.items()}
+    summary = actors.fit(progress=False)
+    assert summary["runtime"]["executor"] == "ray" and summary["throughput"]["inner_checkpoint"] is True
+    ranks = Trainer(_cfg("maml-resnet12", synth, tmp_path / "ranks", *over, "runtime.executor=collective"))
+    ranks.fit(progress=False)
+    assert all(torch.equal(ranks.params[k], actors.params[k]) for k in actors.params)
+    assert not any(torch.equal(actors.params[k], initial[k]) for k in initial)  # it did take steps

@@ -1,13 +1,14 @@
-"""ResNet-12: its structure against a plain nn.Module written out here, DropBlock, per-step BatchNorm
+"""ResNet-12: its structure against the standard-module network of bench/inner_loop.py, DropBlock, per-step BatchNorm
 weights and biases (BNWB, which Conv-4 shares), and every algorithm through it in both task modes and
 both BatchNorm modes, second order checked against the hand-written reference of test_algorithms."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.func import functional_call
 
 from metadist.algorithms import ALGORITHMS, init_meta_params, make_eval_spec, make_spec
@@ -16,7 +17,11 @@ from metadist.models import build_model
 from metadist.models.norm import MetaBatchNorm2d
 from metadist.models.resnet12 import ResNet12, drop_block
 
+from ..conftest import ROOT
 from .test_algorithms import TIGHT, assert_grads_close, image_batch, reference_grads
+
+sys.path.insert(0, str(ROOT / "bench"))
+from inner_loop import PeerResNet12  # noqa: E402  (the standard-module network the benchmark's peers use)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -39,29 +44,6 @@ def params_of(model, cfg):
     return {k: v.double() for k, v in init_meta_params(model, cfg).items()}
 
 
-class PlainResNet12(nn.Module):
-    """The same network from standard modules: BatchNorm2d in train mode (batch statistics)."""
-
-    def __init__(self, widths, channels, ways):
-        super().__init__()
-        self.blocks = nn.ModuleList()
-        width = channels
-        for out in widths:
-            self.blocks.append(nn.ModuleDict({
-                "main": nn.Sequential(nn.Conv2d(width, out, 3, padding=1, bias=False), nn.BatchNorm2d(out),
-                                      nn.LeakyReLU(0.1), nn.Conv2d(out, out, 3, padding=1, bias=False),
-                                      nn.BatchNorm2d(out), nn.LeakyReLU(0.1),
-                                      nn.Conv2d(out, out, 3, padding=1, bias=False), nn.BatchNorm2d(out)),
-                "shortcut": nn.Sequential(nn.Conv2d(width, out, 1, bias=False), nn.BatchNorm2d(out))}))
-            width = out
-        self.head = nn.Linear(width, ways)
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = F.max_pool2d(F.leaky_relu(b["main"](x) + b["shortcut"](x), 0.1), 2)
-        return self.head(x.mean((2, 3)))
-
-
 def test_default_resnet12_is_the_few_shot_backbone():
     m = ResNet12(ways=5)
     assert sum(p.numel() for p in m.parameters()) == pytest.approx(12.4e6, rel=0.01)
@@ -74,26 +56,17 @@ def test_default_resnet12_is_the_few_shot_backbone():
 
 
 @pytest.mark.parametrize("size", [32, 84])
-def test_resnet12_equals_a_plain_module_network_with_the_same_weights(size):
+def test_resnet12_equals_a_standard_module_network_with_the_same_weights(size):
+    # The benchmark's peer network: nn.Conv2d, nn.BatchNorm2d in train mode, leaky ReLU, max-pooling.
     torch.manual_seed(0)
     ours = ResNet12(ways=5, channels=3, widths=SMALL, image_size=size).double()
-    plain = PlainResNet12(SMALL, 3, 5).double().train()
-    mapping = {}
-    for i, b in enumerate(ours.body["blocks"]):
-        for j, (conv, norm) in enumerate([("conv1", "norm1"), ("conv2", "norm2"), ("conv3", "norm3")]):
-            k = 3 * j  # Conv2d, BatchNorm2d, LeakyReLU per unit
-            mapping[f"blocks.{i}.main.{k}.weight"] = b[conv].weight
-            mapping[f"blocks.{i}.main.{k + 1}.weight"] = b[norm].weight
-            mapping[f"blocks.{i}.main.{k + 1}.bias"] = b[norm].bias
-        mapping[f"blocks.{i}.shortcut.0.weight"] = b["shortcut"].weight
-        mapping[f"blocks.{i}.shortcut.1.weight"] = b["shortcut_norm"].weight
-        mapping[f"blocks.{i}.shortcut.1.bias"] = b["shortcut_norm"].bias
-    mapping["head.weight"], mapping["head.bias"] = ours.head.weight, ours.head.bias
+    plain = PeerResNet12(SMALL, 3, 5).double().train()
+    mine = dict(ours.named_parameters())
     with torch.no_grad():
         for n, p in ours.named_parameters():
             p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in n and n.endswith("weight") else 0.0))
         for n, p in plain.named_parameters():
-            p.copy_(mapping[n])
+            p.copy_(mine[n if n.startswith("head.") else f"body.{n}"])
     x = torch.randn(6, 3, size, size, dtype=torch.float64)
     torch.testing.assert_close(ours(x), plain(x))
     out, stats = ours(x, stats=True)
