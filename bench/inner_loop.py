@@ -19,6 +19,8 @@ BatchNorm, which are exactly zero; the same task function without vmap, torch.fu
 
 Variants:
 - ours-vmap / ours-loop: `metadist.algorithms.maml` with `task_parallel` vmap / loop.
+- ours-loop-ckpt (ResNet-12 configs): ours-loop with checkpointed inner steps (`inner.checkpoint: true`),
+  which recompute each step's activations in the backward pass.
 - ours-auto: the runtime's own unit of work, `metadist.runtime.local.TaskShard` of a run config with
   `algorithm.task_parallel: auto`, used as the runtime uses it: `TaskShard.choose_task_parallel`
   resolves auto once by timing both modes on the first batch, then `TaskShard.compute` runs the chosen
@@ -41,8 +43,9 @@ Variants:
 - TorchOpt-functorch: TorchOpt's FuncTorch MAML example: the torch.func task function with the inner
   step taken by TorchOpt's functional `torchopt.sgd` (`update` and `apply_updates` with
   `inplace=False`), `vmap` over the tasks.
-The peers use standard modules (nn.Conv2d, nn.BatchNorm2d in train mode, nn.ReLU, nn.MaxPool2d,
-nn.Linear) holding the same initial weights as our model. The report gives each of our modes against
+The peers use standard modules (nn.Conv2d, nn.BatchNorm2d in train mode, nn.ReLU or leaky ReLU,
+nn.MaxPool2d, nn.Linear; `PeerResNet12` for ResNet-12) holding the same initial weights as our model.
+The report gives each of our modes against
 the strongest peer of the row (the fastest of the five), and vmap and loop against their like-for-like
 torch.func peers.
 
@@ -54,7 +57,9 @@ Timing: each variant is called once (checked, warm-up), then `repeats` times rou
 background load falls on all alike; the median call is reported. Images are random tensors: data
 loading is not part of this benchmark.
 
-    python bench/inner_loop.py                 # all configs, 1 and 2 threads (about 30 minutes on 2 cores)
+    python bench/inner_loop.py                 # all CPU configs, 1 and 2 threads (about 40 minutes on 2 cores)
+    python bench/inner_loop.py --configs resnet12 --threads 2     # the ResNet-12 rows
+    python bench/inner_loop.py --configs resnet12-84 --threads 16 # mini-ImageNet size (a big machine)
     python bench/inner_loop.py --quick         # smoke test
     python bench/inner_loop.py --configs sinusoid --threads 1 --repeats 10
 """
@@ -80,19 +85,20 @@ from metadist.algorithms.maml import maml  # noqa: E402
 from metadist.algorithms.spec import InnerSpec  # noqa: E402
 from metadist.models.conv4 import Conv4  # noqa: E402
 from metadist.models.mlp import MLP  # noqa: E402
+from metadist.models.resnet12 import ResNet12  # noqa: E402
 from metadist.episode import Episode  # noqa: E402
 from metadist.runtime.local import TaskShard  # noqa: E402
 from metadist.tasks import build_tasks  # noqa: E402
 
 PEERS = ("higher", "TorchOpt", "torch.func-vmap", "torch.func-loop", "TorchOpt-functorch")
-OURS = ("ours-vmap", "ours-loop", "ours-auto")
+OURS = ("ours-vmap", "ours-loop", "ours-auto", "ours-loop-ckpt")
 
 
 @dataclass(frozen=True)
 class Config:
     name: str
     description: str
-    model: str  # "mlp" or "conv4"
+    model: str  # "mlp", "conv4" or "resnet12"
     tasks: int
     steps: int
     lr: float
@@ -103,6 +109,7 @@ class Config:
     filters: int = 64
     image_size: int = 28
     downsample: str = "pool"  # Conv-4: 2x2 max-pools, or stride-2 convolutions (the paper's Omniglot network)
+    widths: tuple[int, ...] = (64, 160, 320, 640)  # ResNet-12's blocks
     tolerance: float = 1e-4
     """Largest float32 |peer - ours| allowed, relative to the largest meta-gradient entry."""
 
@@ -120,7 +127,16 @@ CONFIGS = {
     "miniimagenet": Config("miniimagenet", "Conv-4 84px 3ch 32 filters, 5-way 1-shot, 15 query/class, "
                            "5 steps, meta-batch 4", "conv4", tasks=4, steps=5, lr=0.01, channels=3,
                            filters=32, image_size=84, tolerance=5e-2),
+    # ResNet-12 (12.4M parameters) at 32 px, sized for a 2-core CPU; resnet12-84 is the mini-ImageNet size.
+    "resnet12": Config("resnet12", "ResNet-12 32px 3ch 64-160-320-640, 5-way 1-shot, 15 query/class, 2 steps, "
+                       "meta-batch 2", "resnet12", tasks=2, steps=2, lr=0.01, channels=3, image_size=32,
+                       tolerance=5e-2),
+    "resnet12-84": Config("resnet12-84", "ResNet-12 84px 3ch 64-160-320-640, 5-way 1-shot, 15 query/class, "
+                          "5 steps, meta-batch 4", "resnet12", tasks=4, steps=5, lr=0.01, channels=3,
+                          image_size=84, tolerance=5e-2),
 }
+CPU_CONFIGS = [name for name in CONFIGS if name != "resnet12-84"]
+"""The default selection: resnet12-84 takes minutes per call on a CPU (pass --configs for it)."""
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -129,10 +145,14 @@ def job(cfg: Config, threads: int = 0) -> run_config.Config:
     """The run config whose `TaskShard` is ours-auto: this bench config with `task_parallel: auto`."""
     if cfg.model == "mlp":
         task, model = {"family": "sinusoid"}, {"name": "mlp", "hidden": [40, 40]}
-    else:
+    elif cfg.model == "conv4":
         task = {"family": "noise", "ways": cfg.ways}
         model = {"name": "conv4", "channels": cfg.channels, "filters": cfg.filters, "image_size": cfg.image_size,
                  "downsample": cfg.downsample}
+    else:
+        task = {"family": "noise", "ways": cfg.ways}
+        model = {"name": "resnet12", "channels": cfg.channels, "widths": list(cfg.widths),
+                 "image_size": cfg.image_size}
     task.update(shots=cfg.shots, query=cfg.query)
     return run_config.from_dict({
         "seed": 0, "task": task, "model": model,
@@ -147,9 +167,43 @@ def make_batch(cfg: Config) -> Episode:
     return build_tasks(job(cfg)).sample(0, range(cfg.tasks), cfg.shots, cfg.query)
 
 
+class PeerResNet12(nn.Module):
+    """ResNet-12 from standard modules, as a peer's user writes it: nn.Conv2d, nn.BatchNorm2d in train
+    mode (momentum 1, as the peers' MAML examples), leaky ReLU 0.1, 2x2 max-pooling, global average
+    pooling and nn.Linear. Its parameter names are ours without the `body.` prefix."""
+
+    def __init__(self, widths, channels: int, ways: int):
+        super().__init__()
+        self.blocks = nn.ModuleList()
+        width = channels
+        for out in widths:
+            def conv(i, o, k=3):
+                return nn.Conv2d(i, o, k, padding=k // 2, bias=False)
+            self.blocks.append(nn.ModuleDict({
+                "conv1": conv(width, out), "norm1": nn.BatchNorm2d(out, momentum=1.0),
+                "conv2": conv(out, out), "norm2": nn.BatchNorm2d(out, momentum=1.0),
+                "conv3": conv(out, out), "norm3": nn.BatchNorm2d(out, momentum=1.0),
+                "shortcut": conv(width, out, 1), "shortcut_norm": nn.BatchNorm2d(out, momentum=1.0)}))
+            width = out
+        self.head = nn.Linear(width, ways)
+
+    def forward(self, x):
+        for b in self.blocks:
+            h = F.leaky_relu(b["norm1"](b["conv1"](x)), 0.1)
+            h = F.leaky_relu(b["norm2"](b["conv2"](h)), 0.1)
+            h = b["norm3"](b["conv3"](h)) + b["shortcut_norm"](b["shortcut"](x))
+            x = F.max_pool2d(F.leaky_relu(h, 0.1), 2)
+        return self.head(x.mean((2, 3)))
+
+
 def make_models(cfg: Config) -> tuple[nn.Module, nn.Module, dict[str, str]]:
     """(our model, the peers' standard-module model with the same weights, peer name -> our name)."""
-    if cfg.model == "mlp":
+    if cfg.model == "resnet12":
+        ours = ResNet12(ways=cfg.ways, channels=cfg.channels, widths=cfg.widths, image_size=cfg.image_size,
+                        bn_steps=cfg.steps + 1)
+        peer = PeerResNet12(cfg.widths, cfg.channels, cfg.ways)
+        names = {n: n if n.startswith("head.") else f"body.{n}" for n, _ in peer.named_parameters()}
+    elif cfg.model == "mlp":
         ours = MLP(1, [40, 40], 1)
         peer = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
         names = dict(zip([n for n, _ in peer.named_parameters()], [n for n, _ in ours.named_parameters()]))
@@ -296,6 +350,9 @@ def setup(cfg: Config, dtype=torch.float32, tasks: int | None = None):
     variants = {
         "ours-vmap": ours(model, params, batch, spec.with_(task_parallel="vmap")),
         "ours-loop": ours(model, params, batch, spec.with_(task_parallel="loop")),
+        # Checkpointed inner steps (inner.checkpoint), where memory is what limits: ResNet-12.
+        **({"ours-loop-ckpt": ours(model, params, batch, spec.with_(task_parallel="loop", checkpoint=True))}
+           if cfg.model == "resnet12" else {}),
         "higher": higher_variant(cfg, peer, batch, names),
         "TorchOpt": torchopt_variant(cfg, peer, batch, names),
         "torch.func-vmap": torch_func_variant(cfg, peer, batch, names, "vmap"),
@@ -416,7 +473,8 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {list(CONFIGS)}")
+    ap.add_argument("--configs", default=",".join(CPU_CONFIGS), help=f"comma-separated subset of {list(CONFIGS)} "
+                    f"(default: all but resnet12-84)")
     ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 5, --quick 1)")
     ap.add_argument("--quick", action="store_true", help="one timed call per variant: a smoke test")
