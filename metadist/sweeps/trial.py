@@ -61,6 +61,10 @@ def trial_label(params: dict) -> str:
     return " ".join(parts)
 
 
+FINAL = "final_report.json"
+"""In a trial's folder: the final report, written just before it goes to Tune."""
+
+
 def run_trial(config: dict, context: TrialContext) -> None:
     """The Tune function trainable: meta-train one sampled config and report to Tune."""
     for name in ("ray.train", "ray.tune"):  # "checkpoint created" at every report drowns the sweep's output
@@ -70,6 +74,13 @@ def run_trial(config: dict, context: TrialContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     run_dir = Path(context.sweep_dir) / "trials" / trial_id
     run_dir.mkdir(parents=True, exist_ok=True)
+
+    done = run_dir / FINAL
+    if done.exists():
+        # The trial had finished (its MLflow run closed, its final report written) when the sweep was
+        # interrupted before Tune recorded the report: report it again rather than train again.
+        tune.report(json.loads(done.read_text()))
+        return
 
     collective = cfg.runtime.executor == "collective"
     state = None
@@ -118,7 +129,11 @@ def run_trial(config: dict, context: TrialContext) -> None:
         final[f"eval_{report_['metric']}_{row['steps']}"] = row["mean"]
     final[f"eval_{report_['metric']}"] = report_["rows"][-1]["mean"]
     final["mlflow_run_id"] = tracker.run_id
-    tune.report(_finite(final))
+    final = _finite(final)
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(final))
+    tmp.replace(done)  # atomically: a resumed trial reads a whole report or none
+    tune.report(final)
 
 
 def _steps_by_rank0(run_dir: Path) -> int:

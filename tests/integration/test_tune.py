@@ -108,9 +108,10 @@ def test_collective_sweep_stops_the_worse_trial_and_records_a_diverged_one(tmp_p
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, mlflow_store):
     out = tmp_path / "sweeps"
     # 2 samples x 2 safe inner lrs = 4 trials, every one run to the end, two at a time. What is tested is
-    # the sweep's resume, so each trial trains in its own process (executor local, one CPU). With worker
-    # actors in each trial, Ctrl-C once fell between a trial's MLflow run finishing and Tune recording the
-    # trial as done, and the resumed sweep ran that trial again: a gap in the resume, not closed yet.
+    # the sweep's resume, so each trial trains in its own process (executor local, one CPU). Ctrl-C can
+    # fall between a trial's MLflow run finishing and Tune recording its final report (seen under load);
+    # the trial writes that report to its folder first, and the resumed trial reports it again instead
+    # of training again, so its MLflow run stays untouched.
     args = [SWEEP, "--set", "samples=2", "--set", "space.inner.lr={grid: [0.001, 0.003]}", "--set",
             "scheduler.name=none", *SHORT, "--set", "train.steps=60", "--set", "report_every=20",
             "--set", "runtime.executor=local", "--set", "trial_cpus=1", "--set", f"out_dir={out}"]
