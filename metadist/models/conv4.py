@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metadist.models.norm import MetaBatchNorm2d, PerStepNorms, outside_func_transforms
+from metadist.models.convnet import MetaConvNet
+from metadist.models.norm import MetaBatchNorm2d, outside_func_transforms
 
 
 def _channels_last_pays(x: torch.Tensor) -> bool:
@@ -23,7 +24,7 @@ def _channels_last_pays(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and outside_func_transforms(x) and torch.get_num_threads() == 1
 
 
-class Conv4(PerStepNorms, nn.Module):
+class Conv4(MetaConvNet):
     """Conv-4 with a linear head over the flattened features."""
 
     def __init__(self, ways: int = 5, channels: int = 3, filters: int = 32, image_size: int = 84,
@@ -46,7 +47,9 @@ class Conv4(PerStepNorms, nn.Module):
         self.feature_dim = filters * size * size
         self.head = nn.Linear(self.feature_dim, ways)
 
-    def features(self, x: torch.Tensor, step: int = 0, bn: str = "batch", stats: bool = False):
+    def features(self, x: torch.Tensor, step: int = 0, bn: str = "batch", stats: bool = False,
+                 drop: bool = False):
+        # `drop` is in the shared signature (MetaConvNet.forward); Conv-4 has no DropBlock.
         collected = []
         # Channels-last activations on CPU outside torch.func transforms: pooling, ReLU and BatchNorm
         # then vectorise over channels, several times faster than NCHW. Converting the input is cheap
@@ -71,15 +74,3 @@ class Conv4(PerStepNorms, nn.Module):
             x = F.relu(x, inplace=outside_func_transforms(x))
         x = x.flatten(1)
         return (x, collected) if stats else x
-
-    def forward(self, x: torch.Tensor, step: int = 0, bn: str = "batch", part: str = "all",
-                stats: bool = False):
-        if part == "head":
-            return self.head(x)
-        feats = self.features(x, step, bn, stats)
-        if part == "body":
-            return feats
-        if stats:
-            feats, collected = feats
-            return self.head(feats), collected
-        return self.head(feats)

@@ -68,25 +68,3 @@ class MetaBatchNorm2d(nn.Module):
         scale = weight * torch.rsqrt(var + self.eps)
         out = x * scale[None, :, None, None] + (bias - mean * scale)[None, :, None, None]
         return out, (mean.detach(), var.detach())
-
-
-class PerStepNorms:
-    """Mixin for models built of `MetaBatchNorm2d` layers: the per-step running statistics update."""
-
-    @torch.no_grad()
-    def update_running_stats(self, bn_mean: torch.Tensor, bn_var: torch.Tensor, momentum: float) -> None:
-        """The model-level hook the driver calls after each outer step in `per_step` BatchNorm mode: fold
-        per-step batch statistics, averaged over tasks, into the per-step running statistics.
-
-        `bn_mean`/`bn_var` are (rows, layers, channels) as returned by the algorithms in `per_step` mode,
-        row k holding the statistics seen after k inner steps (layers narrower than the widest are
-        zero-padded; only their own channels are read). The model keeps a row for every test-time step
-        too; rows past the last trained one take the last trained row's statistics, so a test-time step
-        beyond the training steps is normalised with the closest statistics seen, not the initial ones.
-        """
-        norms = [m for m in self.modules() if isinstance(m, MetaBatchNorm2d)]
-        for layer, norm in enumerate(norms):
-            kept, channels = norm.running_mean.shape
-            rows = torch.arange(kept, device=bn_mean.device).clamp(max=bn_mean.shape[0] - 1)
-            norm.running_mean.lerp_(bn_mean[rows, layer, :channels].to(norm.running_mean), momentum)
-            norm.running_var.lerp_(bn_var[rows, layer, :channels].to(norm.running_var), momentum)

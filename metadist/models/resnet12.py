@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metadist.models.norm import MetaBatchNorm2d, PerStepNorms, outside_func_transforms
+from metadist.models.convnet import MetaConvNet
+from metadist.models.norm import MetaBatchNorm2d, outside_func_transforms
 
 SLOPE = 0.1
 WIDTHS = (64, 160, 320, 640)
@@ -41,7 +42,7 @@ def drop_block(x: torch.Tensor, rate: float, block: int) -> torch.Tensor:
     return x * keep * (keep.numel() / keep.sum().clamp_min(1.0))
 
 
-class ResNet12(PerStepNorms, nn.Module):
+class ResNet12(MetaConvNet):
     """ResNet-12 with a linear head over globally average-pooled features."""
 
     def __init__(self, ways: int = 5, channels: int = 3, widths=WIDTHS, image_size: int = 84,
@@ -58,7 +59,7 @@ class ResNet12(PerStepNorms, nn.Module):
             def norm(c=out):
                 return MetaBatchNorm2d(c, bn_steps, affine_steps=affine_steps)
             # Registration order is the order the forward meets the norms: the per-step statistics rows
-            # are matched to layers by it (`PerStepNorms.update_running_stats`).
+            # are matched to layers by it (`MetaConvNet.update_running_stats`).
             blocks.append(nn.ModuleDict({
                 "conv1": nn.Conv2d(width, out, 3, padding=1, bias=False), "norm1": norm(),
                 "conv2": nn.Conv2d(out, out, 3, padding=1, bias=False), "norm2": norm(),
@@ -93,15 +94,3 @@ class ResNet12(PerStepNorms, nn.Module):
                 x = drop_block(x, self.drop_rate, self.drop_block_size)
         x = x.mean(dim=(2, 3))
         return (x, collected) if stats else x
-
-    def forward(self, x: torch.Tensor, step: int = 0, bn: str = "batch", part: str = "all",
-                stats: bool = False, drop: bool = False):
-        if part == "head":
-            return self.head(x)
-        feats = self.features(x, step, bn, stats, drop)
-        if part == "body":
-            return feats
-        if stats:
-            feats, collected = feats
-            return self.head(feats), collected
-        return self.head(feats)
