@@ -119,10 +119,11 @@ def test_checkpointed_memory_does_not_grow_with_inner_steps():
     plain = {k: _peak(model, params, batch, spec.with_(steps=k)) for k in (2, 8)}
     ckpt = {k: _peak(model, params, batch, spec.with_(steps=k, checkpoint=True)) for k in (2, 8)}
     plain_growth, ckpt_growth = plain[8] - plain[2], ckpt[8] - ckpt[2]
-    # Without checkpointing each step keeps its support activations and inner-gradient graph (about
-    # 0.6 MB here); with it, a step keeps its input weights (about 0.1 MB for this Conv-4).
-    assert plain_growth > 6 * 0.4 * MB, plain
-    assert ckpt_growth < 0.15 * plain_growth, (plain, ckpt)
+    # Without checkpointing each step keeps its support activations and inner-gradient graph (2.0 MB
+    # here); with it, a step keeps its input fast weights and nothing else (0.03 MB for this Conv-4).
+    weights = sum(p.numel() * p.element_size() for p in params.values())
+    assert plain_growth > 6 * 1.5 * MB, plain
+    assert ckpt_growth <= 6 * weights * 1.01, (ckpt, weights)
     assert ckpt[8] < plain[8]
 
 
