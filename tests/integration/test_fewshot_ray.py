@@ -5,8 +5,9 @@ data.access: stream) MAML's job does the same. Drawn by index (the default for a
 killed mid-step recomputes the same tasks, and a crashed driver resumes bit for bit with no position to
 restore; the stream's position is restored by tests/unit/test_data.py.
 
-The other algorithms run in-process: what Ray adds is the same for every algorithm, and in-process they
-run beside the tests that use Ray (make test's parallel workers) instead of after them."""
+The other algorithms, and the ResNet-12 jobs, run in-process: what Ray adds is the same for every
+algorithm, and in-process they run beside the tests that use Ray (make test's parallel workers) instead
+of after them. The ResNet-12 MAML job also runs on actors and on collective ranks, bit for bit alike."""
 
 from __future__ import annotations
 
@@ -54,7 +55,9 @@ def _meta_trains(trainer: Trainer) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["fomaml", "reptile", "anil", "metasgd"])
+@pytest.mark.parametrize("name", ["fomaml", "reptile", "anil", "metasgd",
+                                  # ResNet-12 (16-32-64-128 at 32 px); MAML's with checkpointed inner steps
+                                  "maml-resnet12", "anil-resnet12", "metasgd-resnet12"])
 def test_every_algorithms_debug_job_meta_trains(name, synth, tmp_path):
     summary = _meta_trains(Trainer(_cfg(name, synth, tmp_path, "runtime.executor=local")))
     assert summary["runtime"]["executor"] == "local"
