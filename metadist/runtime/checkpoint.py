@@ -24,6 +24,23 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, unreadable or not a metadist checkpoint."""
 
 
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    """Replace `path` with `text` in one rename, so a reader sees the old file or the new one, never half
+    of one: the small run-folder files another process reads while this one may die (a collective
+    group's progress and error, a sweep trial's final report). No fsync: the progress file is replaced
+    every step, and these files only need to be whole, not to outlive a machine crash."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def save_checkpoint(path: str | Path, state: dict) -> Path:
     """Write `state` (plus format and version tags) atomically to `path`."""
     path = Path(path)

@@ -53,7 +53,7 @@ from metadist.config import Config, ConfigError, dump_config, from_dict, to_dict
 from metadist.data.format import DataError
 from metadist.errors import UserError
 from metadist.evaluation import join_curves, print_eval
-from metadist.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from metadist.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_text_atomically
 from metadist.runtime.errors import ClusterError, TrainingDiverged
 from metadist.runtime.flat import Layout
 from metadist.runtime.local import StepResult, TaskShard, split_tasks
@@ -242,9 +242,8 @@ def rank_main(config: dict) -> None:
         # the group, and the driver then raises this error rather than the group's.
         error = run_dir / ERROR
         if not error.exists():
-            tmp = run_dir / f".{ERROR}.{rank}"
-            tmp.write_text(json.dumps({"type": type(err).__name__, "message": str(err), "rank": rank}))
-            os.replace(tmp, error)
+            write_text_atomically(error, json.dumps({"type": type(err).__name__, "message": str(err),
+                                                     "rank": rank}))
         return
     # What every rank ended with, so that a test (or a reader of the summary) sees they agree bitwise.
     digests: list = [None] * world
@@ -257,9 +256,8 @@ def rank_main(config: dict) -> None:
 def _write_progress(trainer) -> None:
     # Rank 0's step and meta-loss, for the driver's progress bar: a small file replaced each step (tens
     # of microseconds), since the driver has no other view into the loop between checkpoints.
-    tmp = trainer.run_dir / f".{PROGRESS}"
-    tmp.write_text(json.dumps({"step": trainer.step, "loss": trainer.last_loss}))
-    os.replace(tmp, trainer.run_dir / PROGRESS)
+    write_text_atomically(trainer.run_dir / PROGRESS,
+                          json.dumps({"step": trainer.step, "loss": trainer.last_loss}))
 
 
 @contextmanager

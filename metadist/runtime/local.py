@@ -84,11 +84,17 @@ class TaskShard:
         cfg = self.cfg
         return self.tasks.sample(step, indices, cfg.task.shots, cfg.task.query).to(self.device)
 
+    def _kept_batch(self, step: int, indices: range):
+        """The tasks of `step`, drawn once for a measurement at start and kept for that step's compute
+        (so a stream moves on as usual, and the run's first step is the one measured)."""
+        batch = self._batch(step, indices)
+        self._drawn = (step, indices, batch)
+        return batch
+
     def choose_task_parallel(self, params: Tensors, step: int, spec: InnerSpec, indices: range) -> str:
         """`vmap` or `loop`, whichever computes this shard's tasks of `step` faster on this device (the
         config's `auto`). The tasks drawn for it are kept for that step, so a stream moves on as usual."""
-        batch = self._batch(step, indices)
-        self._drawn = (step, indices, batch)
+        batch = self._kept_batch(step, indices)
         params = {k: v.to(self.device) for k, v in params.items()}
         with self._masks(step, indices):
             return batching.choose_task_parallel(self.algorithm, self.model, params, batch, spec)
@@ -99,8 +105,7 @@ class TaskShard:
         `spec.steps`, and set against the device's free memory (`metadist.runtime.memory`)."""
         if spec.steps < 2 or spec.first_order:
             return False  # nothing grows with the steps
-        batch = self._batch(step, indices)
-        self._drawn = (step, indices, batch)
+        batch = self._kept_batch(step, indices)
         params = {k: v.to(self.device) for k, v in params.items()}
         one, peaks = batch.slice(0, 1), []
         for k in (1, 2):

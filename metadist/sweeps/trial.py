@@ -34,7 +34,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from rich.console import Console
 
-from metadist.runtime.checkpoint import load_checkpoint
+from metadist.runtime.checkpoint import load_checkpoint, write_text_atomically
 from metadist.runtime.driver import Callback, Trainer
 from metadist.runtime.errors import TrainingDiverged
 from metadist.sweeps.plan import SweepPlan, short_names
@@ -130,9 +130,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
     final[f"eval_{report_['metric']}"] = report_["rows"][-1]["mean"]
     final["mlflow_run_id"] = tracker.run_id
     final = _finite(final)
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(final))
-    tmp.replace(done)  # atomically: a resumed trial reads a whole report or none
+    write_text_atomically(done, json.dumps(final))  # a resumed trial reads a whole report or none
     tune.report(final)
 
 
